@@ -1,0 +1,23 @@
+"""Descriptors: registered plug-ins that turn images into vectors."""
+
+from cbir.features.base import Descriptor
+from cbir.features.registry import (
+    create_descriptor,
+    describe_descriptors,
+    descriptor_names,
+    format_spec,
+    get_descriptor_class,
+    parse_spec,
+    register_descriptor,
+)
+
+__all__ = [
+    "Descriptor",
+    "create_descriptor",
+    "describe_descriptors",
+    "descriptor_names",
+    "format_spec",
+    "get_descriptor_class",
+    "parse_spec",
+    "register_descriptor",
+]

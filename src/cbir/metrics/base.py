@@ -1,0 +1,120 @@
+"""The metric interface and its name table, in the spirit of ``sklearn.metrics.pairwise``.
+
+A metric is split in two vectorised halves so search can pay the per-vector work once:
+``prepare(X)`` turns an ``(n, d)`` matrix into a row-aligned "prepared" form (an array or a tuple
+of arrays whose first axis has ``n`` rows), and ``compare(Pq, Pc)`` turns a prepared ``(m, d)`` query
+block and a prepared ``(n, d)`` collection block into an ``(m, n)`` float distance matrix.
+Search prepares the collection once, slices the prepared rows into blocks and keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Prepared = Any  # np.ndarray or tuple[np.ndarray, ...], first axis = rows
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A distance (smaller is closer) between rows of two matrices."""
+
+    name: str
+    summary: str
+    formula: str
+    prepare: Callable[[np.ndarray], Prepared]
+    compare: Callable[[Prepared, Prepared], np.ndarray]
+    symmetric: bool = True
+    #: Needs non-negative input (histograms); ``prepare`` raises ValueError otherwise.
+    nonnegative: bool = False
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def pairwise(self, X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
+        """``(m, d) x (n, d) -> (m, n)`` distances; ``Y=None`` compares ``X`` with itself."""
+        X = as_matrix(X)
+        PX = self.prepare(X)
+        PY = PX if Y is None else self.prepare(as_matrix(Y, X.shape[1]))
+        return self.compare(PX, PY)
+
+    __call__ = pairwise
+
+
+def as_matrix(X: Any, dim: int | None = None) -> np.ndarray:
+    """A 2-D float32/float64 C-contiguous array (1-D input is one row); checks the dimension."""
+    A = np.asarray(X)
+    if A.ndim == 1:
+        A = A[None, :]
+    if A.ndim != 2:
+        raise ValueError(f"expected a vector or a matrix of vectors, got an array of shape {A.shape}")
+    if A.dtype != np.float32:
+        A = A.astype(np.float64)
+    if dim is not None and A.shape[1] != dim:
+        raise ValueError(f"vectors have {A.shape[1]} dimensions, expected {dim}")
+    if not np.isfinite(A).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    return np.ascontiguousarray(A)
+
+
+def take_rows(prepared: Prepared, rows: slice | np.ndarray) -> Prepared:
+    """Select rows of a prepared matrix (an array or a tuple of row-aligned arrays)."""
+    if isinstance(prepared, tuple):
+        return tuple(p[rows] for p in prepared)
+    return prepared[rows]
+
+
+_METRICS: dict[str, Metric] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Make ``metric`` available by its name and aliases."""
+    if metric.name in _METRICS:
+        raise ValueError(f"metric name {metric.name!r} is already registered")
+    _METRICS[metric.name] = metric
+    for alias in metric.aliases:
+        _ALIASES[alias] = metric.name
+    return metric
+
+
+def _ensure_builtins() -> None:
+    from cbir.metrics import distribution, vector  # noqa: F401
+
+
+def metric_names() -> list[str]:
+    """Registered metric names, sorted."""
+    _ensure_builtins()
+    return sorted(_METRICS)
+
+
+def get_metric(name: str | Metric) -> Metric:
+    """The metric registered under ``name`` (or an alias), or a clear error listing them all."""
+    if isinstance(name, Metric):
+        return name
+    _ensure_builtins()
+    key = _ALIASES.get(name, name)
+    if key not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; registered metrics: {', '.join(sorted(_METRICS))}")
+    return _METRICS[key]
+
+
+def describe_metrics() -> list[dict[str, Any]]:
+    """Name, aliases, one-line summary, formula and properties of each metric."""
+    return [
+        {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "description": m.summary,
+            "formula": m.formula,
+            "symmetric": m.symmetric,
+            "needs_nonnegative": m.nonnegative,
+        }
+        for m in (get_metric(n) for n in metric_names())
+    ]
+
+
+def pairwise_distances(X: np.ndarray, Y: np.ndarray | None = None, metric: str = "euclidean") -> np.ndarray:
+    """Distances between the rows of ``X`` and ``Y`` under a registered metric."""
+    return get_metric(metric).pairwise(X, Y)
