@@ -7,10 +7,21 @@ becomes an :class:`ImageError` whose ``reason`` a user can read.
 
 from __future__ import annotations
 
+import io
+import os
+import re
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Literal
 
-# Implemented by the images work package: see the docstrings below for the contract.
+import cv2
+import numpy as np
+from PIL import EpsImagePlugin, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 200_000_000
 
@@ -43,3 +54,361 @@ class InputSpec:
         if self.size is not None:
             return max(self.size)
         return self.max_side
+
+
+# --------------------------------------------------------------------------------------------
+# Which files are images
+# --------------------------------------------------------------------------------------------
+
+
+def _openable_extensions() -> frozenset[str]:
+    """Extensions of the formats Pillow can actually decode here (not merely identify)."""
+    extensions = Image.registered_extensions()  # also imports every plugin
+    formats = set()
+    for name, (factory, _accept) in Image.OPEN.items():
+        # Stub plugins (BUFR, GRIB, HDF5, WMF off Windows) identify a file but cannot decode it.
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue
+        formats.add(name)
+    if "JPEG" in formats:
+        formats.add("MPO")  # multi-picture JPEGs are opened by the JPEG plugin
+    formats.discard("MPEG")  # identify-only: Pillow has no MPEG decoder
+    if not EpsImagePlugin.has_ghostscript():
+        formats.discard("EPS")  # EPS is rasterised by Ghostscript, which is not installed
+    return frozenset(ext.lower() for ext, fmt in extensions.items() if fmt in formats)
+
+
+#: Lower-case extensions (with the dot) of the formats Pillow can decode: used to pick the image
+#: files in a folder, so a folder of photos does not produce an error for every ``.txt`` beside
+#: them, and formats Pillow only identifies are left out.
+IMAGE_EXTENSIONS: frozenset[str] = _openable_extensions()
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow's decompression-bomb guard
+# --------------------------------------------------------------------------------------------
+
+_guard_lock = threading.Lock()
+_guard_limits: list[int] = []
+_guard_saved: list[tuple[int | None, warnings.catch_warnings]] = []
+
+
+@contextmanager
+def _pillow_guard(max_pixels: int) -> Iterator[None]:
+    """Make Pillow's decompression-bomb guard enforce ``max_pixels`` while we decode.
+
+    Pillow's guard is a module global checked inside ``Image.open`` (and again for GIF frames and
+    TIFF tiles during loading): a warning above ``MAX_IMAGE_PIXELS`` and an error above twice
+    that. Its default (~89 MP) is below :data:`DEFAULT_MAX_PIXELS`, so left alone it would refuse
+    images our limit allows, and its warning would let oversized images through. So while we
+    decode, the limit is ours and the warning is an error. The first caller in saves Pillow's
+    state and the last one out restores it, so concurrent decodes cannot leave it changed; while
+    several decode at once the largest of their limits applies and each still checks its own.
+    """
+    with _guard_lock:
+        if not _guard_limits:
+            scope = warnings.catch_warnings()
+            scope.__enter__()
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            _guard_saved.append((Image.MAX_IMAGE_PIXELS, scope))
+        _guard_limits.append(max_pixels)
+        Image.MAX_IMAGE_PIXELS = max(_guard_limits)
+    try:
+        yield
+    finally:
+        with _guard_lock:
+            _guard_limits.remove(max_pixels)
+            if _guard_limits:
+                Image.MAX_IMAGE_PIXELS = max(_guard_limits)
+            else:
+                saved, scope = _guard_saved.pop()
+                Image.MAX_IMAGE_PIXELS = saved
+                scope.__exit__(None, None, None)
+
+
+def _megapixels(pixels: int) -> str:
+    mp = pixels / 1e6
+    return f"{mp:.1f}".removesuffix(".0") if mp >= 1 else f"{mp:.2g}"
+
+
+def _too_big(pixels: int, max_pixels: int, dims: tuple[int, int] | None = None) -> str:
+    what = f"{dims[0]}x{dims[1]} = " if dims else ""
+    return (
+        f"image is {what}{_megapixels(pixels)} megapixels, over the limit of "
+        f"{_megapixels(max_pixels)} megapixels (set max_pixels / CBIR_MAX_PIXELS to allow it)"
+    )
+
+
+def _bomb_reason(exc: Exception, max_pixels: int) -> str:
+    """Pillow's bomb error/warning in our words.
+
+    Pillow raises inside ``Image.open`` before the caller sees the header, and its message has
+    the pixel count but not the width and height, so the reason gives the count only.
+    """
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    if match:
+        return _too_big(int(match.group(1)), max_pixels)
+    return f"image is over the limit of {_megapixels(max_pixels)} megapixels ({exc})"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+_NOT_AN_IMAGE = "not an image file Pillow can read"
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Errors Pillow raises for data that ends early or does not follow the format.
+_CORRUPT_ERRORS = (OSError, SyntaxError, EOFError, struct.error, zlib.error)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def decode(
+    data: bytes,
+    *,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode image file bytes to an RGB image, ready for :func:`to_array`.
+
+    Takes bytes, not a path, because the caller reads each file once, hashes the bytes and
+    decodes the same bytes. The first frame of animations and multi-page files is used; EXIF
+    orientation is applied; transparency is composited over white; every mode becomes 8-bit RGB.
+    With ``max_side`` the longer side is shrunk to at most that (never enlarged), and JPEGs are
+    decoded at a reduced DCT scale (draft mode), which skips most of the inverse DCT, colour
+    conversion and resizing work (entropy decoding still reads the whole file).
+    ``image.info["original_size"]`` holds the full (oriented) size before any shrinking.
+    Images over ``max_pixels`` are refused from the header, before any pixel is decoded.
+    """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with _pillow_guard(max_pixels):
+            return _decode(data, max_side, max_pixels)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(_NOT_AN_IMAGE) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(_bomb_reason(exc, max_pixels)) from exc
+    except _CORRUPT_ERRORS as exc:
+        raise ImageError(f"truncated or corrupt image data: {_describe(exc)}") from exc
+    except Exception as exc:  # anything else Pillow raises must still be a readable ImageError
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(data: bytes, max_side: int | None, max_pixels: int) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        # Pillow's guard in Image.open normally refuses first; this check applies (and names the
+        # size) when a concurrent decode with a larger limit has raised Pillow's.
+        if width * height > max_pixels:
+            raise ImageError(_too_big(width * height, max_pixels, (width, height)))
+        if max_side is not None and im.format in _DRAFT_FORMATS:
+            _draft(im, max_side)
+        im.load()
+        stored = im.size  # after any draft reduction
+        _apply_orientation(im)
+        swapped = im.size != stored  # EXIF orientations 5-8 swap width and height
+        result = _shrink(_to_rgb(im), max_side)
+        if result is im:  # still the file object, which the ``with`` is about to close
+            result = im.copy()
+    result.info["original_size"] = (height, width) if swapped else (width, height)
+    return result
+
+
+def _draft(im: ImageFile.ImageFile, max_side: int) -> None:
+    """Ask the JPEG decoder for a 1/2, 1/4 or 1/8 DCT scale that keeps the longer side >= max_side.
+
+    ``draft`` picks the largest scale s in (8, 4, 2, 1) with s <= min(W // w, H // h) for the
+    requested (w, h), so the result is never smaller than requested. Asking for the image's own
+    aspect ratio (not a square) lets a long panorama shrink as much as a square photo would. The
+    request is in the stored (pre-EXIF) orientation, which is fine: rotation keeps the longer
+    side's length, and :func:`_shrink` brings it down to exactly ``max_side`` afterwards.
+    """
+    width, height = im.size
+    longer = max(width, height)
+    if longer <= max_side:
+        return
+    request = (max(1, width * max_side // longer), max(1, height * max_side // longer))
+    im.draft("RGB", request)
+
+
+def _apply_orientation(im: Image.Image) -> None:
+    """Apply EXIF orientation in place; a malformed EXIF block leaves the pixels as stored."""
+    # Broken metadata is no reason to lose an otherwise fine image.
+    with suppress(Exception):
+        ImageOps.exif_transpose(im, in_place=True)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB (transparency over white, high bit depths stretched)."""
+    mode = im.mode
+    if mode in _HIGH_DEPTH_MODES:
+        return _stretch_to_8bit(im).convert("RGB")
+    if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        if mode == "La":
+            im = im.convert("LA")
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)
+        return out
+    if mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def _stretch_to_8bit(im: Image.Image) -> Image.Image:
+    """Min-max stretch a 16/32-bit integer or float image to 8-bit grey.
+
+    A fixed shift (16 -> 8 bits) would make the common 12-bit scientific and medical data stored
+    in 16-bit containers nearly black, and float images have no fixed range at all; stretching
+    each image's own range maps its darkest pixel to 0 and brightest to 255. A constant image
+    becomes 0. NaN is treated as the minimum and infinities are clipped.
+    """
+    values = np.asarray(im).astype(np.float32)
+    finite = np.isfinite(values)
+    out = np.zeros(values.shape, dtype=np.uint8)
+    if finite.any():
+        lo = float(values[finite].min())
+        hi = float(values[finite].max())
+        if hi > lo:
+            scaled = (values - lo) * np.float32(255.0 / (hi - lo))
+            scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+            np.clip(scaled, 0.0, 255.0, out=scaled)
+            out = np.rint(scaled).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled so its longer side is ``max_side`` (callers ensure it is larger)."""
+    width, height = size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _shrink(im: Image.Image, max_side: int | None) -> Image.Image:
+    """Shrink so the longer side is <= max_side (never enlarging), as ``thumbnail`` does.
+
+    Bicubic with ``reducing_gap=2``: Pillow first box-reduces by an integer factor (fast on
+    large non-JPEG images, which get no draft) and resamples the rest with an antialiased
+    bicubic filter. Measured here it is about 2x faster than Lanczos at the same job, with
+    no visible difference at the factors left after a JPEG draft.
+    """
+    if max_side is None or max(im.size) <= max_side:
+        return im
+    return im.resize(_fit(im.size, max_side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Read a file and :func:`decode` it; errors carry the path (for queries and tools)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}", name) from exc
+    try:
+        return decode(data, max_side=max_side, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ImageError(exc.reason, name) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays for descriptors
+# --------------------------------------------------------------------------------------------
+
+
+def _target_size(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:
+    if spec.size is not None:
+        width, height = spec.size
+        if width < 1 or height < 1:
+            raise ValueError(f"InputSpec.size must be positive, got {spec.size}")
+        return int(width), int(height)
+    if spec.max_side is not None:
+        if spec.max_side < 1:
+            raise ValueError(f"InputSpec.max_side must be positive, got {spec.max_side}")
+        if max(size) > spec.max_side:
+            return _fit(size, spec.max_side)
+    return size
+
+
+def _base_array(image: Image.Image) -> np.ndarray:
+    """The image as an RGB or L array (decode returns RGB; this covers images made elsewhere)."""
+    return np.asarray(image if image.mode in ("RGB", "L") else _to_rgb(image))
+
+
+def _resized(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize with OpenCV: area averaging to shrink, bilinear when an exact size enlarges.
+
+    Area averaging is antialiased and, for the usual 2x-4x factors, several times faster than
+    Pillow's resize; this runs once per image and distinct spec.
+    """
+    height, width = array.shape[:2]
+    if (width, height) == size:
+        return array
+    shrinking = size[0] <= width and size[1] <= height
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(array, size, interpolation=interpolation)
+
+
+def _in_mode(array: np.ndarray, mode: str) -> np.ndarray:
+    """Read-only C-contiguous uint8 array in ``mode``: shared, so no descriptor may write it."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"InputSpec.mode must be 'RGB' or 'L', got {mode!r}")
+    if (array.ndim == 3) != (mode == "RGB"):
+        array = np.asarray(Image.fromarray(array).convert(mode))  # Pillow's ITU-R 601-2 luma
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    array.flags.writeable = False
+    return array
+
+
+def to_array(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """The array one descriptor wants: (H, W, 3) for "RGB", (H, W) for "L", uint8, read-only.
+
+    ``spec.size`` resizes to exactly (width, height); otherwise the longer side is shrunk to
+    ``spec.max_side`` if larger (never enlarged). The result is read-only because
+    :func:`prepare_arrays` hands the same array to every descriptor with the same spec.
+    """
+    base = _base_array(image)
+    size = _target_size((base.shape[1], base.shape[0]), spec)
+    return _in_mode(_resized(base, size), spec.mode)
+
+
+def prepare_arrays(image: Image.Image, specs: Sequence[InputSpec]) -> list[np.ndarray]:
+    """One decoded image to the arrays for several descriptors, in the order of ``specs``.
+
+    Several descriptors usually want the same thing (RGB or grey at 256 px), so each distinct
+    result is computed once and the same read-only array object is returned for each of them;
+    an "L" spec reuses the resize of an "RGB" spec of the same size. The arrays equal what
+    :func:`to_array` returns for each spec.
+    """
+    base = _base_array(image)
+    base_size = (base.shape[1], base.shape[0])
+    resized: dict[tuple[int, int], np.ndarray] = {}
+    arrays: dict[tuple[str, tuple[int, int]], np.ndarray] = {}
+    out: list[np.ndarray] = []
+    for spec in specs:
+        size = _target_size(base_size, spec)
+        key = (spec.mode, size)
+        if key not in arrays:
+            if size not in resized:
+                resized[size] = _resized(base, size)
+            arrays[key] = _in_mode(resized[size], spec.mode)
+        out.append(arrays[key])
+    return out

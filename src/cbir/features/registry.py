@@ -71,7 +71,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"descriptor parameter {item!r} in {spec!r} is not of the form key=value")
+            raise ValueError(
+                f"descriptor parameter {item!r} in {spec!r} is not of the form key=value"
+            )
         params[key.strip()] = value.strip()
     return name.strip(), params
 

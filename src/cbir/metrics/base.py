@@ -1,8 +1,8 @@
 """The metric interface and its name table, in the spirit of ``sklearn.metrics.pairwise``.
 
 A metric is split in two vectorised halves so search can pay the per-vector work once:
-``prepare(X)`` turns an ``(n, d)`` matrix into a row-aligned "prepared" form (an array or a tuple
-of arrays whose first axis has ``n`` rows), and ``compare(Pq, Pc)`` turns a prepared ``(m, d)`` query
+``prepare(X)`` turns an ``(n, d)`` matrix into a row-aligned "prepared" form (an array or a
+tuple of arrays whose first axis has ``n`` rows), and ``compare(Pq, Pc)`` turns a prepared query
 block and a prepared ``(n, d)`` collection block into an ``(m, n)`` float distance matrix.
 Search prepares the collection once, slices the prepared rows into blocks and keeps memory bounded.
 """
@@ -48,7 +48,9 @@ def as_matrix(X: Any, dim: int | None = None) -> np.ndarray:
     if A.ndim == 1:
         A = A[None, :]
     if A.ndim != 2:
-        raise ValueError(f"expected a vector or a matrix of vectors, got an array of shape {A.shape}")
+        raise ValueError(
+            f"expected a vector or a matrix of vectors, got an array of shape {A.shape}"
+        )
     if A.dtype != np.float32:
         A = A.astype(np.float64)
     if dim is not None and A.shape[1] != dim:
@@ -96,7 +98,9 @@ def get_metric(name: str | Metric) -> Metric:
     _ensure_builtins()
     key = _ALIASES.get(name, name)
     if key not in _METRICS:
-        raise ValueError(f"unknown metric {name!r}; registered metrics: {', '.join(sorted(_METRICS))}")
+        raise ValueError(
+            f"unknown metric {name!r}; registered metrics: {', '.join(sorted(_METRICS))}"
+        )
     return _METRICS[key]
 
 
@@ -115,6 +119,8 @@ def describe_metrics() -> list[dict[str, Any]]:
     ]
 
 
-def pairwise_distances(X: np.ndarray, Y: np.ndarray | None = None, metric: str = "euclidean") -> np.ndarray:
+def pairwise_distances(
+    X: np.ndarray, Y: np.ndarray | None = None, metric: str = "euclidean"
+) -> np.ndarray:
     """Distances between the rows of ``X`` and ``Y`` under a registered metric."""
     return get_metric(metric).pairwise(X, Y)

@@ -1,0 +1,379 @@
+"""The ``cbir`` command: a thin face over :class:`cbir.Collection`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from cbir.collection import Collection
+from cbir.config import Settings
+from cbir.images import ImageError
+from cbir.store import StoreError
+
+app = typer.Typer(
+    help="Content-based image retrieval: index a folder of images, then find the ones that "
+    "look most like a query image.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+CollectionOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--collection",
+        "-c",
+        envvar="CBIR_COLLECTION",
+        help="Collection directory [default: ./.cbir].",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one readable line and exit status 2."""
+    try:
+        yield
+    except (ValueError, ImageError, StoreError, NotImplementedError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _settings(collection: Path | None, **overrides: Any) -> Settings:
+    return Settings.from_env(collection=collection, **overrides)
+
+
+def _open(collection: Path | None, *, create: bool = False, **overrides: Any) -> Collection:
+    settings = _settings(collection, **overrides)
+    return Collection(settings.collection, settings=settings, create=create)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second, the figure users compare against decoding."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if speed is None else f"{speed:,.0f} img/s", style="cyan")
+
+
+# -- index -----------------------------------------------------------------------------------
+@app.command()
+def index(
+    sources: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files.")],
+    descriptor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--descriptor",
+            "-d",
+            help="Descriptor to extract, e.g. lbp or 'lbp:P=16,R=2' (repeatable). "
+            "A new collection without one gets every hand-crafted descriptor.",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Where labels come from: 'folder' (first folder level).")
+    ] = None,
+    all_files: Annotated[
+        bool, typer.Option("--all-files", help="Try every file, not only image extensions.")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes [default: one per core].")
+    ] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Skip images larger than this many pixels.")
+    ] = None,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a folder of images to the collection (again: only new and changed files)."""
+    from cbir.collection import IndexInterrupted
+
+    with _user_errors():
+        col = _open(collection, create=True, workers=workers, max_pixels=max_pixels)
+        columns = [
+            TextColumn("[bold]indexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=err, disable=as_json, transient=False) as bar:
+            task = bar.add_task("index", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            try:
+                report = col.add(
+                    *sources,
+                    descriptors=descriptor,
+                    labels=labels,
+                    all_files=all_files,
+                    progress=progress,
+                )
+            except IndexInterrupted as stop:
+                report = stop.report
+        col.close()
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        out.print(
+            f"{report.scanned} files: {report.added} added, {report.updated} updated, "
+            f"{report.unchanged} unchanged, {len(report.skipped)} skipped"
+            + (f", {report.still_skipped} skipped before" if report.still_skipped else "")
+            + f" ({report.extracted} extracted in {report.seconds:.1f} s, "
+            f"{report.rate:,.0f} img/s)",
+            highlight=False,
+        )
+        for path, reason in report.skipped[:20]:
+            out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
+        if len(report.skipped) > 20:
+            out.print(f"  ... and {len(report.skipped) - 20} more (cbir info --skipped)")
+        if report.missing:
+            out.print(
+                f"{len(report.missing)} catalogued files no longer exist; "
+                "drop them with: cbir remove --missing"
+            )
+    if report.interrupted:
+        err.print(
+            "[yellow]interrupted:[/] the work done so far is saved; run the same command "
+            "again to continue."
+        )
+        raise typer.Exit(130)
+
+
+# -- search ----------------------------------------------------------------------------------
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="Query image(s).")],
+    k: Annotated[int, typer.Option("-k", "--top", help="How many results.")] = 10,
+    descriptor: Annotated[
+        str | None,
+        typer.Option("--descriptor", "-d", help="Descriptor [default: the collection's first]."),
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option("--metric", "-m", help="Metric [default: the descriptor's].")
+    ] = None,
+    combine: Annotated[
+        str, typer.Option(help="How several queries combine: mean, min or rrf.")
+    ] = "mean",
+    exclude_queries: Annotated[
+        bool, typer.Option("--exclude-queries", help="Leave the query images out of results.")
+    ] = False,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the images that look most like the query image(s)."""
+    with _user_errors():
+        col = _open(collection)
+        hits = col.search(
+            [str(q) for q in queries],
+            k,
+            descriptor=descriptor,
+            metric=metric,
+            combine=combine,
+            exclude_queries=exclude_queries,
+        )
+        record = col.descriptor(descriptor)
+        metric_name = metric or record.metric
+        col.close()
+    if as_json:
+        _print_json(
+            {
+                "descriptor": record.spec,
+                "metric": metric_name,
+                "combine": combine,
+                "results": [h.to_dict() for h in hits],
+            }
+        )
+        return
+    score = "rrf score" if combine == "rrf" and len(queries) > 1 else "distance"
+    table = Table(title=f"{record.spec}  |  {metric_name}", title_justify="left")
+    for name, justify in (("rank", "right"), (score, "right"), ("label", "left"), ("path", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.label or "", h.path)
+    out.print(table)
+
+
+# -- info, remove, export --------------------------------------------------------------------
+@app.command()
+def info(
+    skipped: Annotated[bool, typer.Option("--skipped", help="List every skipped file.")] = False,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what the collection holds: counts, descriptors, skipped files and why."""
+    with _user_errors():
+        col = _open(collection)
+        data = col.info()
+        col.close()
+    if as_json:
+        _print_json(data)
+        return
+    out.print(
+        f"[bold]{data['path']}[/]: {data['images']} images, {data['skipped']} skipped, "
+        f"{data['labels']} labels, {data['disk_bytes'] / 1e6:.1f} MB on disk",
+        highlight=False,
+    )
+    table = Table("descriptor", "dim", "default metric", "vectors")
+    for d in data["descriptors"]:
+        table.add_row(d["spec"], str(d["dim"]), d["default_metric"], str(d["vectors"]))
+    out.print(table)
+    files = data["skipped_files"]
+    for f in files if skipped else files[:10]:
+        out.print(f"  [yellow]skipped[/] {f['path']}: {f['reason']}", highlight=False)
+    if not skipped and len(files) > 10:
+        out.print(f"  ... {len(files) - 10} more (cbir info --skipped)")
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders to drop.")] = None,
+    missing: Annotated[
+        bool, typer.Option("--missing", help="Drop catalogued files that no longer exist.")
+    ] = False,
+    collection: CollectionOpt = None,
+) -> None:
+    """Drop images from the collection (their files are not touched)."""
+    with _user_errors():
+        if not paths and not missing:
+            raise ValueError("give files or folders to remove, or --missing")
+        col = _open(collection)
+        n = col.remove(paths or (), missing=missing)
+        col.close()
+    out.print(f"removed {n} images")
+
+
+@app.command()
+def export(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")],
+    descriptor: Annotated[
+        str | None, typer.Option("--descriptor", "-d", help="Descriptor whose vectors to write.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="npy (NumPy + CSV) or parquet.")] = "npy",
+    collection: CollectionOpt = None,
+) -> None:
+    """Write the catalogue and a descriptor's vectors for other tools."""
+    with _user_errors():
+        col = _open(collection)
+        files = col.export(out_dir, descriptor=descriptor, format=fmt)
+        col.close()
+    for f in files:
+        out.print(f"wrote {f}", highlight=False)
+
+
+# -- registries ------------------------------------------------------------------------------
+@app.command()
+def descriptors(as_json: JsonOpt = False) -> None:
+    """List the registered descriptors with their parameters and defaults."""
+    from cbir.features import describe_descriptors
+
+    rows = describe_descriptors()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("name", "dim", "metric", "parameters (defaults)", "what it captures")
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        table.add_row(r["name"], str(r["dim"]), r["default_metric"], params, r["description"])
+    out.print(table)
+
+
+@app.command()
+def metrics(as_json: JsonOpt = False) -> None:
+    """List the registered metrics with their formulas."""
+    from cbir.metrics import describe_metrics
+
+    rows = describe_metrics()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("name", "aliases", "description", "formula")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["aliases"]), r["description"], r["formula"])
+    out.print(table)
+
+
+# -- demo ------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option(help="Where to write the demo images.")] = Path(
+        "demo-images"
+    ),
+    collection: Annotated[
+        Path, typer.Option("--collection", "-c", help="Collection for the demo.")
+    ] = Path(".cbir-demo"),
+    descriptor: Annotated[
+        str | None, typer.Option("--descriptor", "-d", help="Descriptor to search with.")
+    ] = None,
+    metric: Annotated[str | None, typer.Option("--metric", "-m")] = None,
+    k: Annotated[int, typer.Option("-k")] = 10,
+) -> None:
+    """Make a demo collection from bundled images, index it and answer a query."""
+    from cbir.demo import make_demo_images
+
+    with _user_errors():
+        images_dir, queries = make_demo_images(folder)
+        out.print(
+            f"demo images in {images_dir} (13 scenes x 8 views), queries in {queries}",
+            highlight=False,
+        )
+        index(
+            [images_dir],
+            descriptor=None,
+            labels="folder",
+            all_files=False,
+            workers=None,
+            max_pixels=None,
+            collection=collection,
+            as_json=False,
+        )
+        query = queries / "coffee.jpg"
+        out.print(f"\nquery: {query}", highlight=False)
+        search(
+            [query],
+            k=k,
+            descriptor=descriptor,
+            metric=metric,
+            combine="mean",
+            exclude_queries=False,
+            collection=collection,
+            as_json=False,
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,555 @@
+"""The Python API: a collection of images you can add to, search and inspect.
+
+>>> col = Collection("photos.cbir")
+>>> col.add("~/Pictures", labels="folder")
+>>> col.search("query.jpg", k=10, descriptor="color-regional", metric="chi2")
+
+The CLI and the server are thin faces over this class.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir import images
+from cbir.config import Settings
+from cbir.extraction import Task, extract_images, run_tasks
+from cbir.features import Descriptor, create_descriptor, get_descriptor_class, parse_spec
+from cbir.index import ExactIndex
+from cbir.metrics import get_metric, metric_names
+from cbir.search import COMBINE_MODES, Hit, ranked_ids
+from cbir.store import DescriptorRecord, ImageUpdate, Store, StoreError
+
+LABEL_SOURCES = ("folder",)
+ProgressCallback = Callable[[int, int], None]
+QueryLike = str | os.PathLike[str] | bytes | np.ndarray
+
+
+@dataclass
+class IndexReport:
+    """What one ``add`` did."""
+
+    scanned: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: files skipped in an earlier run and not changed since (not retried)
+    still_skipped: int = 0
+    #: catalogued files under the indexed folders that no longer exist
+    missing: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    extracted: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Images processed per second (decoded and described)."""
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        out["rate"] = round(self.rate, 1)
+        return out
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``add``: everything finished before it is saved; ``report`` says what."""
+
+    def __init__(self, report: IndexReport) -> None:
+        super().__init__("indexing interrupted; the work done so far is saved")
+        self.report = report
+
+
+class Collection:
+    """A collection directory: catalogue, vectors of each descriptor, search."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        settings: Settings | None = None,
+        create: bool = True,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.path = Path(path) if path is not None else self.settings.collection
+        self.store = Store(self.path, create=create)
+        self._indexes: dict[tuple[int, str], ExactIndex] = {}
+
+    def close(self) -> None:
+        """Release the catalogue (and the write lock, if held)."""
+        self.store.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.store.counts()["ok"]
+
+    # -- descriptors ---------------------------------------------------------------------------
+    @property
+    def descriptors(self) -> list[DescriptorRecord]:
+        """The descriptors this collection holds vectors for (the first is the default)."""
+        return self.store.descriptors()
+
+    def _register(self, specs: Iterable[str | Descriptor]) -> list[DescriptorRecord]:
+        records = []
+        for spec in specs:
+            d = create_descriptor(spec)
+            if d.requires_fit:
+                raise NotImplementedError(f"descriptor {d.name!r} must be fitted first")
+            records.append(
+                self.store.add_descriptor(
+                    d.spec, d.name, _jsonable(d.get_params()), d.dim, d.default_metric
+                )
+            )
+        return records
+
+    def descriptor(self, spec: str | None = None) -> DescriptorRecord:
+        """The collection's descriptor matching ``spec`` (a name, or a name with parameters)."""
+        held = self.descriptors
+        if not held:
+            raise ValueError(
+                f"the collection at {self.path} holds no descriptors yet; "
+                "index a folder first (cbir index DIR)"
+            )
+        if spec is None:
+            return held[0]
+        name, params = parse_spec(spec)
+        cls = get_descriptor_class(name)  # raises for unknown names
+        if params:
+            wanted = create_descriptor(spec).spec
+            matches = [d for d in held if d.spec == wanted]
+        else:
+            matches = [d for d in held if d.name == cls.name]
+        if len(matches) == 1:
+            return matches[0]
+        have = ", ".join(d.spec for d in held)
+        if not matches:
+            raise ValueError(
+                f"the collection has no vectors for {spec!r}; it holds: {have}. "
+                f"Add them with: cbir index DIR --descriptor {spec}"
+            )
+        raise ValueError(f"{spec!r} matches several descriptors ({have}); give its parameters")
+
+    # -- adding and removing -------------------------------------------------------------------
+    def add(
+        self,
+        *sources: str | os.PathLike[str],
+        descriptors: Sequence[str | Descriptor] | None = None,
+        labels: str | dict[str, str] | None = None,
+        all_files: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> IndexReport:
+        """Add folders (recursively) and files; re-extract changed ones, keep unchanged ones.
+
+        ``descriptors`` adds descriptors to the collection (a new collection without them gets
+        the settings' defaults); every image gets vectors for every descriptor the collection
+        holds. ``labels="folder"`` labels each image with the first folder below its source
+        folder; a dict maps paths to labels. Ctrl-C raises :class:`IndexInterrupted` after the
+        finished work is saved.
+        """
+        if isinstance(labels, str) and labels not in LABEL_SOURCES:
+            raise ValueError(
+                f"labels must be one of {', '.join(LABEL_SOURCES)} or a mapping, got {labels!r}"
+            )
+        started = time.perf_counter()
+        report = IndexReport()
+        self.store.acquire()
+        try:
+            requested = list(descriptors or ())
+            if not requested and not self.descriptors:
+                requested = list(self.settings.default_descriptors)
+            self._register(requested)
+            specs = tuple(d.spec for d in self.descriptors)
+            ids_by_spec = {d.spec: d.id for d in self.descriptors}
+
+            files, roots = _discover(sources, all_files)
+            report.scanned = len(files)
+            label_of = _label_function(labels, roots)
+            known = {r.path: r for r in self.store.images()}
+            present = self.store.present_descriptors()
+            tasks: list[Task] = []
+            relabel: dict[str, str | None] = {}
+            for path in files:
+                label = label_of(path)
+                rec = known.get(path)
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    report.skipped.append((path, f"cannot read file: {exc.strerror}"))
+                    continue
+                same_stat = rec is not None and (rec.size, rec.mtime_ns) == (
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
+                if rec is None or (not same_stat and rec.status == "skipped"):
+                    tasks.append(Task(path, specs, label=label))
+                elif rec.status == "skipped":
+                    report.still_skipped += 1
+                else:
+                    have = present.get(rec.id, set())
+                    missing = tuple(s for s in specs if ids_by_spec[s] not in have)
+                    if same_stat and not missing:
+                        report.unchanged += 1
+                        if label is not None and label != rec.label:
+                            relabel[path] = label
+                    else:
+                        tasks.append(Task(path, specs, rec.sha256, missing, label))
+            if relabel:
+                self.store.set_labels(relabel)
+            report.missing = _missing_under(known, roots)
+
+            buffer: list[ImageUpdate] = []
+            done = 0
+
+            def on_result(update: ImageUpdate) -> None:
+                nonlocal done
+                done += 1
+                buffer.append(update)
+                rec = known.get(update.path)
+                if update.status == "skipped":
+                    report.skipped.append((update.path, update.reason or "unknown reason"))
+                elif update.status == "unchanged":
+                    report.unchanged += 1
+                elif rec is None or rec.status == "skipped":
+                    report.added += 1
+                else:
+                    report.updated += 1
+                if update.status != "unchanged":
+                    report.extracted += 1
+                if len(buffer) >= self.settings.flush_every:
+                    self.store.write_batch(buffer)
+                    buffer.clear()
+                if progress is not None:
+                    progress(done, len(tasks))
+
+            if progress is not None:
+                progress(0, len(tasks))
+            try:
+                run_tasks(
+                    tasks,
+                    workers=self.settings.worker_count,
+                    max_pixels=self.settings.max_pixels,
+                    on_result=on_result,
+                )
+            except KeyboardInterrupt:
+                report.interrupted = True
+            self.store.write_batch(buffer)
+            if not report.interrupted:
+                for d in self.descriptors:
+                    self.store.compact(d.id)
+        finally:
+            self._indexes.clear()
+            report.seconds = time.perf_counter() - started
+            self.store.release()
+        if report.interrupted:
+            raise IndexInterrupted(report)
+        return report
+
+    def remove(self, paths: Iterable[str | os.PathLike[str]] = (), *, missing: bool = False) -> int:
+        """Drop images by path (a folder drops everything under it), and with ``missing=True``
+        every catalogued file that no longer exists. Returns how many were removed."""
+        records = self.store.images()
+        targets: set[int] = set()
+        for p in paths:
+            full = str(Path(p).expanduser().resolve())
+            prefix = full.rstrip(os.sep) + os.sep
+            hits = [r.id for r in records if r.path == full or r.path.startswith(prefix)]
+            if not hits:
+                raise ValueError(f"{p} is not in the collection")
+            targets.update(hits)
+        if missing:
+            targets.update(r.id for r in records if not os.path.exists(r.path))
+        if not targets:
+            return 0
+        try:
+            removed = self.store.remove_images(sorted(targets))
+        finally:
+            self._indexes.clear()
+            self.store.release()
+        return removed
+
+    # -- searching -----------------------------------------------------------------------------
+    def search(
+        self,
+        query: QueryLike | Sequence[QueryLike],
+        k: int = 10,
+        *,
+        descriptor: str | None = None,
+        metric: str | None = None,
+        combine: str = "mean",
+        exclude_queries: bool = False,
+    ) -> list[Hit]:
+        """The ``k`` images closest to the query (an image path, encoded bytes, a vector, or a
+        list of these combined by ``combine``: "mean", "min" or "rrf").
+
+        ``descriptor`` defaults to the collection's first, ``metric`` to the descriptor's
+        default. ``exclude_queries`` leaves query images that are in the collection out.
+        """
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
+        record = self.descriptor(descriptor)
+        metric_name = self._check_metric(record, metric)
+        vectors, query_ids = self.query_vectors(query, record)
+        index = self.index(record, metric_name)
+        exclude = np.asarray(query_ids, dtype=np.int64) if exclude_queries else None
+        ids, scores = ranked_ids(index, vectors, k, combine=combine, exclude=exclude)
+        return [
+            Hit(rank=n + 1, id=r.id, path=r.path, score=float(s), label=r.label)
+            for n, (r, s) in enumerate(zip(self.store.records(ids), scores, strict=True))
+        ]
+
+    def _check_metric(self, record: DescriptorRecord, metric: str | None) -> str:
+        m = get_metric(metric or record.metric)
+        if m.nonnegative and not get_descriptor_class(record.name).nonnegative:
+            general = [n for n in metric_names() if not get_metric(n).nonnegative]
+            raise ValueError(
+                f"metric {m.name!r} compares histograms (non-negative vectors), but descriptor "
+                f"{record.name!r} can be negative; use one of: {', '.join(general)}"
+            )
+        return m.name
+
+    def query_vectors(
+        self, query: QueryLike | Sequence[QueryLike], record: DescriptorRecord
+    ) -> tuple[np.ndarray, list[int]]:
+        """Vectors for the query items, and the catalogue ids of those that are in the collection.
+
+        A query file already in the collection, unchanged, uses its stored vector.
+        """
+        items: list[QueryLike]
+        if isinstance(query, np.ndarray):
+            return np.atleast_2d(query).astype(np.float32), []
+        items = [query] if isinstance(query, str | bytes | os.PathLike) else list(query)
+        if not items:
+            raise ValueError("no query given")
+        rows: list[np.ndarray] = []
+        ids: list[int] = []
+        descriptor: Descriptor | None = None
+        for item in items:
+            if isinstance(item, np.ndarray):
+                rows.extend(np.atleast_2d(item).astype(np.float32))
+                continue
+            if not isinstance(item, bytes):
+                path = str(Path(item).expanduser().resolve())
+                rec = self.store.image_by_path(path)
+                if rec is not None and rec.status == "ok" and _unchanged(rec):
+                    try:
+                        rows.append(self.store.vectors_for(record.id, [rec.id])[0])
+                        ids.append(rec.id)
+                        continue
+                    except KeyError:
+                        pass
+                item = path
+            descriptor = descriptor or create_descriptor(record.spec)
+            try:
+                rows.append(
+                    extract_images([item], descriptor, max_pixels=self.settings.max_pixels)[0]
+                )
+            except images.ImageError as exc:
+                name = "query bytes" if isinstance(item, bytes) else str(item)
+                raise images.ImageError(exc.reason, name) from None
+        matrix = np.stack(rows)
+        if matrix.shape[1] != record.dim:
+            raise ValueError(
+                f"query vectors have {matrix.shape[1]} dimensions; descriptor "
+                f"{record.spec} has {record.dim}"
+            )
+        return matrix, ids
+
+    def index(self, record: DescriptorRecord, metric: str) -> ExactIndex:
+        """The exact index of a descriptor under a metric (cached until the collection changes)."""
+        key = (record.id, metric)
+        if key not in self._indexes:
+            index = ExactIndex(metric, block_rows=self.settings.block_rows)
+            n = self.store.vector_count(record.id)
+            if n * record.dim * 4 * 2 <= self.settings.memory_budget:
+                index.add_all(*self.store.load_vectors(record.id))
+            else:
+                index.stream_from(
+                    lambda: self.store.iter_vector_blocks(record.id, self.settings.block_rows),
+                    record.dim,
+                )
+            self._indexes[key] = index
+        return self._indexes[key]
+
+    def vectors(self, descriptor: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All ``(image_ids, vectors)`` of a descriptor."""
+        return self.store.load_vectors(self.descriptor(descriptor).id)
+
+    # -- inspecting and exporting --------------------------------------------------------------
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every file that was skipped."""
+        return [(r.path, r.reason or "") for r in self.store.images(status="skipped")]
+
+    def info(self) -> dict[str, Any]:
+        """Counts, descriptors (with parameters and vector counts), labels and skipped files."""
+        counts = self.store.counts()
+        vec_counts = self.store.vector_counts()
+        labels = [r.label for r in self.store.images(status="ok") if r.label is not None]
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return {
+            "path": str(self.path.resolve()),
+            "images": counts["ok"],
+            "skipped": counts["skipped"],
+            "labels": len(set(labels)),
+            "labelled_images": len(labels),
+            "descriptors": [
+                {
+                    "spec": d.spec,
+                    "name": d.name,
+                    "params": d.params,
+                    "dim": d.dim,
+                    "default_metric": d.metric,
+                    "vectors": vec_counts.get(d.id, 0),
+                }
+                for d in self.descriptors
+            ],
+            "disk_bytes": size,
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped()],
+        }
+
+    def export(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        descriptor: str | None = None,
+        format: str = "npy",
+    ) -> list[Path]:
+        """Write the catalogue and one descriptor's vectors for other tools.
+
+        ``format="npy"``: ``catalogue.csv``, ``vectors.npy`` and ``vectors.csv`` (id, path,
+        label of each row of ``vectors.npy``). ``format="parquet"``: ``catalogue.parquet`` and
+        ``vectors.parquet`` (id, path, label, vector). Returns the files written.
+        """
+        if format not in ("npy", "parquet"):
+            raise ValueError(f"format must be npy or parquet, got {format!r}")
+        record = self.descriptor(descriptor)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        catalogue = self.store.images()
+        cols = [
+            "id",
+            "path",
+            "sha256",
+            "size",
+            "mtime_ns",
+            "status",
+            "reason",
+            "label",
+            "width",
+            "height",
+        ]
+        ids, matrix = self.store.load_vectors(record.id)
+        order = np.argsort(ids, kind="stable")
+        ids, matrix = ids[order], matrix[order]
+        recs = self.store.records(ids)
+        if format == "parquet":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(
+                    "Parquet export needs pyarrow: pip install 'cbir[parquet]' "
+                    "(or use --format npy)"
+                ) from None
+            table = pa.table({c: [getattr(r, c) for r in catalogue] for c in cols})
+            pq.write_table(table, out / "catalogue.parquet")
+            flat = pa.array(matrix.reshape(-1), type=pa.float32())
+            vectors = pa.table(
+                {
+                    "id": ids,
+                    "path": [r.path for r in recs],
+                    "label": [r.label for r in recs],
+                    "vector": pa.FixedSizeListArray.from_arrays(flat, record.dim),
+                }
+            )
+            vectors = vectors.replace_schema_metadata({"descriptor": record.spec})
+            pq.write_table(vectors, out / "vectors.parquet")
+            return [out / "catalogue.parquet", out / "vectors.parquet"]
+        with open(out / "catalogue.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            w.writerows([getattr(r, c) for c in cols] for r in catalogue)
+        np.save(out / "vectors.npy", matrix)
+        with open(out / "vectors.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["row", "id", "path", "label", "descriptor"])
+            w.writerows([n, r.id, r.path, r.label, record.spec] for n, r in enumerate(recs))
+        return [out / "catalogue.csv", out / "vectors.npy", out / "vectors.csv"]
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+def _unchanged(rec: Any) -> bool:
+    try:
+        st = os.stat(rec.path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns)
+
+
+def _discover(
+    sources: Sequence[str | os.PathLike[str]], all_files: bool
+) -> tuple[list[str], list[Path]]:
+    """Image files under the given folders (recursively) and the given files, sorted."""
+    if not sources:
+        raise ValueError("give at least one folder or image file to add")
+    found: set[str] = set()
+    roots: list[Path] = []
+    for source in sources:
+        root = Path(source).expanduser().resolve()
+        if root.is_dir():
+            roots.append(root)
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in names:
+                    if name.startswith("."):
+                        continue
+                    if all_files or os.path.splitext(name)[1].lower() in images.IMAGE_EXTENSIONS:
+                        found.add(os.path.join(folder, name))
+        elif root.exists():
+            found.add(str(root))
+        else:
+            raise StoreError(f"{source} does not exist")
+    return sorted(found), roots
+
+
+def _label_function(
+    labels: str | dict[str, str] | None, roots: list[Path]
+) -> Callable[[str], str | None]:
+    if labels is None:
+        return lambda path: None
+    if isinstance(labels, dict):
+        table = {str(Path(k).expanduser().resolve()): v for k, v in labels.items()}
+        return table.get
+
+    def folder_label(path: str) -> str | None:
+        for root in roots:
+            rel = Path(path).relative_to(root) if Path(path).is_relative_to(root) else None
+            if rel is not None and len(rel.parts) > 1:
+                return rel.parts[0]
+        return None
+
+    return folder_label
+
+
+def _missing_under(known: dict[str, Any], roots: list[Path]) -> list[str]:
+    prefixes = tuple(str(r).rstrip(os.sep) + os.sep for r in roots)
+    if not prefixes:
+        return []
+    return sorted(p for p in known if p.startswith(prefixes) and not os.path.exists(p))

@@ -1,0 +1,71 @@
+"""One place for settings: defaults, overridden by environment variables, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cbir.images import DEFAULT_MAX_PIXELS
+
+#: Descriptors a new collection extracts when the user names none: every hand-crafted one is
+#: cheap next to decoding, so one pass over the folder makes them all available for search.
+DEFAULT_DESCRIPTORS: tuple[str, ...] = (
+    "color-regional",
+    "color-hist",
+    "lbp",
+    "glcm",
+    "fotf",
+    "hog",
+)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Run-time settings; ``Settings.from_env()`` reads the ``CBIR_*`` environment variables."""
+
+    collection: Path = Path(".cbir")
+    #: Worker processes for extraction (0 = one per core).
+    workers: int = 0
+    #: Images over this many pixels are skipped as decompression bombs.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Results collected before they are written to disk in one transaction.
+    flush_every: int = 512
+    #: A descriptor's vectors are held in RAM for search when they fit in this many bytes;
+    #: larger collections are streamed from the memory-mapped files block by block.
+    memory_budget: int = 1 << 30
+    #: Rows compared with the queries at a time in exact search.
+    block_rows: int = 16384
+    default_descriptors: tuple[str, ...] = field(default=DEFAULT_DESCRIPTORS)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then ``CBIR_*`` environment variables, then explicit ``overrides``."""
+        base = cls(
+            collection=Path(os.environ.get("CBIR_COLLECTION") or ".cbir"),
+            workers=_env_int("CBIR_WORKERS", 0),
+            max_pixels=_env_int("CBIR_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            memory_budget=_env_int("CBIR_MEMORY_BUDGET", 1 << 30),
+            flush_every=_env_int("CBIR_FLUSH_EVERY", 512),
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes to use: ``workers``, or one per available core."""
+        if self.workers > 0:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)

@@ -1,0 +1,205 @@
+"""Turning files into vectors, on every core, in chunks.
+
+Each file is read once: the same bytes are hashed (to notice changed content) and decoded, at the
+smallest size the requested descriptors allow, and every descriptor gets its array from that one
+decode. Work is shipped to worker processes in chunks of paths; the parent only writes results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir import images
+from cbir.features import Descriptor, create_descriptor
+from cbir.store import ImageUpdate
+
+
+@dataclass(frozen=True)
+class Task:
+    """One file to (re)process.
+
+    ``specs`` are extracted when the content is new or changed; when the file's hash still equals
+    ``known_sha256`` only ``specs_if_unchanged`` are (the descriptors it lacks), and a file that
+    lacks none comes back "unchanged" without being decoded.
+    """
+
+    path: str
+    specs: tuple[str, ...]
+    known_sha256: str | None = None
+    specs_if_unchanged: tuple[str, ...] = ()
+    label: str | None = None
+
+
+_DESCRIPTORS: dict[str, Descriptor] = {}
+
+
+def _descriptor(spec: str) -> Descriptor:
+    """One descriptor object per spec and process (models and tables are built once)."""
+    if spec not in _DESCRIPTORS:
+        _DESCRIPTORS[spec] = create_descriptor(spec)
+    return _DESCRIPTORS[spec]
+
+
+def _init_worker() -> None:
+    # The parent handles Ctrl-C and tells the workers to stop; each worker uses one thread so
+    # two workers on two cores do not fight over them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _read(path: str) -> tuple[bytes, os.stat_result]:
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise images.ImageError("not a regular file")
+        with open(path, "rb") as fh:
+            return fh.read(), st
+    except OSError as exc:
+        raise images.ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
+    """Process a chunk of files; never raises for a bad file, which comes back as skipped."""
+    updates: list[ImageUpdate] = []
+    decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]] = []
+    for task in tasks:
+        update = ImageUpdate(
+            path=task.path, size=None, mtime_ns=None, sha256=None, status="ok", label=task.label
+        )
+        updates.append(update)
+        try:
+            data, st = _read(task.path)
+            update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
+            update.sha256 = hashlib.sha256(data).hexdigest()
+            specs = task.specs
+            if update.sha256 == task.known_sha256:
+                specs = task.specs_if_unchanged
+                if not specs:
+                    update.status = "unchanged"
+                    continue
+            descriptors = [_descriptor(s) for s in specs]
+            side = _decode_side(descriptors)
+            image = images.decode(data, max_side=side, max_pixels=max_pixels)
+            update.width, update.height = image.info.get("original_size", image.size)
+            arrays = images.prepare_arrays(image, [d.input_spec for d in descriptors])
+            decoded.append((update, dict(zip(specs, arrays, strict=True))))
+        except images.ImageError as exc:
+            update.status, update.reason = "skipped", exc.reason
+        except Exception as exc:  # a decoder bug must not end the run
+            update.status, update.reason = "skipped", f"{type(exc).__name__}: {exc}"
+    _transform_all(decoded)
+    return updates
+
+
+def _decode_side(descriptors: Sequence[Descriptor]) -> int | None:
+    sides = [d.input_spec.decode_side for d in descriptors]
+    return None if not sides or any(s is None for s in sides) else max(s for s in sides if s)
+
+
+def _transform_all(decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]]) -> None:
+    """Run each descriptor once over the whole chunk; isolate a failing image if one fails."""
+    specs = {s for _, arrays in decoded for s in arrays}
+    for spec in sorted(specs):
+        members = [
+            (u, arrays[spec]) for u, arrays in decoded if spec in arrays and u.status == "ok"
+        ]
+        descriptor = _descriptor(spec)
+        try:
+            out = descriptor.transform([a for _, a in members])
+            for (u, _), vec in zip(members, out, strict=True):
+                u.vectors[spec] = vec
+        except Exception:
+            for u, a in members:
+                try:
+                    u.vectors[spec] = descriptor.transform([a])[0]
+                except Exception as exc:
+                    u.status = "skipped"
+                    u.reason = f"descriptor {descriptor.name} failed: {type(exc).__name__}: {exc}"
+                    u.vectors.clear()
+    for u, _ in decoded:
+        if u.status == "ok" and not all(np.isfinite(v).all() for v in u.vectors.values()):
+            u.status, u.reason = "skipped", "a descriptor produced NaN or infinite values"
+            u.vectors.clear()
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    *,
+    workers: int,
+    max_pixels: int,
+    chunk_size: int = 16,
+    on_result: Callable[[ImageUpdate], None],
+) -> None:
+    """Process ``tasks`` on ``workers`` processes, calling ``on_result`` in the parent for each.
+
+    Chunks are submitted a few at a time so memory stays bounded. A KeyboardInterrupt stops
+    submitting, lets the chunks already running finish (their results are delivered), and is
+    then raised again for the caller to report.
+    """
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    if workers <= 1 or len(chunks) <= 2:
+        for chunk in chunks:
+            for update in extract_chunk(chunk, max_pixels):
+                on_result(update)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pending: set[Future[list[ImageUpdate]]] = set()
+    todo: Iterator[Sequence[Task]] = iter(chunks)
+    try:
+        for chunk in _take(todo, workers * 3):
+            pending.add(pool.submit(extract_chunk, chunk, max_pixels))
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                for update in future.result():
+                    on_result(update)
+                for chunk in _take(todo, 1):
+                    pending.add(pool.submit(extract_chunk, chunk, max_pixels))
+    except KeyboardInterrupt:
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            if not future.cancelled():
+                try:
+                    for update in future.result():
+                        on_result(update)
+                except Exception:
+                    pass
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take(it: Iterator[Sequence[Task]], n: int) -> list[Sequence[Task]]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def extract_images(
+    sources: Sequence[str | os.PathLike[str] | bytes], descriptor: Descriptor, *, max_pixels: int
+) -> np.ndarray:
+    """Vectors of a few query images (paths or encoded bytes), in-process; raises ImageError."""
+    spec = descriptor.input_spec
+    arrays = []
+    for source in sources:
+        data = source if isinstance(source, bytes) else _read(os.fspath(source))[0]
+        image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels)
+        arrays.append(images.to_array(image, spec))
+    return np.asarray(descriptor.transform(arrays), dtype=np.float32)
