@@ -27,6 +27,7 @@ from rich.text import Text
 from cbir.collection import Collection
 from cbir.config import Settings
 from cbir.images import ImageError
+from cbir.search import Hit
 from cbir.store import StoreError
 
 app = typer.Typer(
@@ -215,12 +216,23 @@ def search(
         )
         return
     score = "rrf score" if combine == "rrf" and len(queries) > 1 else "distance"
-    table = Table(title=f"{record.spec}  |  {metric_name}", title_justify="left")
+    _print_hits(hits, f"{record.spec}  |  {metric_name}", score)
+
+
+def _print_hits(hits: list[Hit], title: str, score: str) -> None:
+    table = Table(title=title, title_justify="left")
     for name, justify in (("rank", "right"), (score, "right"), ("label", "left"), ("path", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for h in hits:
-        table.add_row(str(h.rank), f"{h.score:.4f}", h.label or "", h.path)
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.label or "", _display_path(h.path))
     out.print(table)
+
+
+def _display_path(path: str) -> str:
+    """Paths under the working directory are shown relative to it: shorter, still exact."""
+    cwd = Path.cwd()
+    p = Path(path)
+    return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path
 
 
 # -- info, remove, export --------------------------------------------------------------------
@@ -357,17 +369,13 @@ def demo(
             as_json=False,
         )
         query = queries / "coffee.jpg"
-        out.print(f"\nquery: {query}", highlight=False)
-        search(
-            [query],
-            k=k,
-            descriptor=descriptor,
-            metric=metric,
-            combine="mean",
-            exclude_queries=False,
-            collection=collection,
-            as_json=False,
-        )
+        with Collection(collection, create=False) as col:
+            record = col.descriptor(descriptor)
+            hits = col.search(query, k, descriptor=descriptor, metric=metric)
+        out.print(f"\nquery: {query}, a view of the coffee scene held out of the collection")
+        _print_hits(hits, f"{record.spec}  |  {metric or record.metric}", "distance")
+        same = sum(h.label == "coffee" for h in hits)
+        out.print(f"{same} of the top {len(hits)} are views of the coffee scene (8 exist).")
 
 
 def main() -> None:

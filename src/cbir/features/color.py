@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from cbir.features.base import Descriptor
+from cbir.features.inputs import as_rgb_uint8, check_positive_int, is_int
 from cbir.features.registry import register_descriptor
 from cbir.images import InputSpec
 
@@ -23,35 +24,6 @@ _CHANNEL_RANGE = {"hsv": (180, 256, 256), "rgb": (256, 256, 256), "lab": (256, 2
 _CONVERSION = {"hsv": cv2.COLOR_RGB2HSV, "lab": cv2.COLOR_RGB2LAB, "rgb": None}
 #: Order of the blocks of ``color-regional``.
 REGIONS = ("centre", "top-left", "top-right", "bottom-right", "bottom-left")
-
-
-def is_int(value: Any) -> bool:
-    """True for Python/numpy integers but not bools (``True`` is not a bin count)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def check_positive_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``, or a ValueError naming the parameter."""
-    if not is_int(value) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-    return int(value)
-
-
-def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """The (H, W, 3) uint8 array colour descriptors work on; gray or RGBA input is converted."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim == 2 and a.size:
-        return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2RGB)
-    if a.ndim == 3 and a.shape[2] == 4 and a.size:
-        return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGBA2RGB)
-    if a.ndim != 3 or a.shape[2] != 3 or a.size == 0:
-        raise ValueError(f"expected a non-empty (H, W, 3) RGB image, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
 def _check_space(space: Any) -> str:

@@ -14,9 +14,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cbir.features.base import Descriptor
-from cbir.features.color import check_positive_int
+from cbir.features.inputs import as_gray_uint8, check_positive_int
 from cbir.features.registry import register_descriptor
-from cbir.features.texture import as_gray_uint8
 from cbir.images import InputSpec
 
 BLOCK_NORMS = ("L2-Hys", "L2", "L1", "L1-sqrt")

@@ -1,9 +1,10 @@
 """Texture descriptors: co-occurrence (GLCM), first-order statistics and local binary patterns.
 
-All work on 8-bit grayscale arrays. Where scikit-image's reference implementation is too slow for
-the throughput the project needs, the same computation is done here vectorised and the tests check
-it against scikit-image (LBP codes equal ``local_binary_pattern``; GLCM properties equal
-``graycoprops``).
+All work on 8-bit grayscale arrays. scikit-image defines the computations, but its
+implementations are too slow for the throughput the project needs (LBP ~15 ms and GLCM + props
+~4 ms on a 256 px image), so they are done here vectorised with numpy/OpenCV and the tests check
+them against scikit-image: GLCMs equal ``graycomatrix``, properties equal ``graycoprops``, LBP
+codes equal ``local_binary_pattern`` except at exact ties (see :func:`lbp_planes`).
 """
 
 from __future__ import annotations
@@ -16,24 +17,9 @@ import cv2
 import numpy as np
 
 from cbir.features.base import Descriptor
-from cbir.features.color import check_positive_int, is_int
+from cbir.features.inputs import as_gray_uint8, check_positive_int, is_int
 from cbir.features.registry import register_descriptor
 from cbir.images import InputSpec
-
-
-def as_gray_uint8(image: np.ndarray) -> np.ndarray:
-    """The (H, W) uint8 array texture descriptors work on; RGB(A) input is converted with cv2."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    elif a.ndim == 3 and a.shape[2] in (3, 4) and a.size:
-        code = cv2.COLOR_RGB2GRAY if a.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
-        a = cv2.cvtColor(np.ascontiguousarray(a), code)
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"expected a non-empty (H, W) grayscale image, got shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
 def _entropy_bits(p: np.ndarray, axis: int) -> np.ndarray:
@@ -56,6 +42,19 @@ GLCM_PROPS = (
 )
 
 
+@functools.lru_cache(maxsize=8)
+def _glcm_weights(L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per GLCM cell (i, j), flattened: the weights of contrast, dissimilarity and homogeneity
+    as rows of one (3, L*L) matrix, and the row and column levels i and j."""
+    i, j = np.indices((L, L), dtype=np.float64)
+    i, j = i.ravel(), j.ravel()
+    diff2 = (i - j) ** 2
+    linear = np.stack([diff2, np.sqrt(diff2), 1.0 / (1.0 + diff2)])
+    for a in (linear, i, j):
+        a.flags.writeable = False
+    return linear, i, j
+
+
 def glcm_properties(P: np.ndarray) -> dict[str, np.ndarray]:
     """Haralick properties of normalised GLCMs ``P`` of shape (L, L, n_dist, n_angle).
 
@@ -65,30 +64,27 @@ def glcm_properties(P: np.ndarray) -> dict[str, np.ndarray]:
     """
     L = P.shape[0]
     flat = P.reshape(L * L, -1)
-    i, j = np.indices((L, L), dtype=np.float64)
-    i, j = i.ravel(), j.ravel()
-    diff2 = (i - j) ** 2
-    asm = (flat**2).sum(axis=0)
-    mu_i = i @ flat
-    mu_j = j @ flat
-    di = i[:, None] - mu_i[None, :]
-    dj = j[:, None] - mu_j[None, :]
-    std_i = np.sqrt((flat * di**2).sum(axis=0))
-    std_j = np.sqrt((flat * dj**2).sum(axis=0))
-    cov = (flat * di * dj).sum(axis=0)
+    linear, i, j = _glcm_weights(L)
+    contrast, dissimilarity, homogeneity = linear @ flat
+    asm = np.einsum("ij,ij->j", flat, flat)
+    di = i[:, None] - (i @ flat)[None, :]
+    dj = j[:, None] - (j @ flat)[None, :]
+    pdi = flat * di
+    std_i = np.sqrt(np.einsum("ij,ij->j", pdi, di))
+    std_j = np.sqrt(np.einsum("ij,ij->j", flat * dj, dj))
+    cov = np.einsum("ij,ij->j", pdi, dj)
     ok = (std_i >= 1e-15) & (std_j >= 1e-15)
     corr = np.divide(cov, std_i * std_j, out=np.zeros_like(cov), where=ok)
-    shape = P.shape[2:]
     props = {
-        "contrast": diff2 @ flat,
-        "dissimilarity": np.sqrt(diff2) @ flat,
-        "homogeneity": (1.0 / (1.0 + diff2)) @ flat,
+        "contrast": contrast,
+        "dissimilarity": dissimilarity,
+        "homogeneity": homogeneity,
         "ASM": asm,
         "energy": np.sqrt(asm),
         "correlation": corr,
         "entropy": _entropy_bits(flat, axis=0),
     }
-    return {k: v.reshape(shape) for k, v in props.items()}
+    return {k: v.reshape(P.shape[2:]) for k, v in props.items()}
 
 
 @register_descriptor
@@ -424,7 +420,7 @@ def _sample_offsets(P: int, R: float) -> list[tuple[int, int, int, int]]:
 
 
 def lbp_planes(gray: np.ndarray, P: int, R: float) -> Iterator[np.ndarray]:
-    """Yield, for each sample point i, the (H, W) bool plane "neighbour i >= centre".
+    """Yield, for each sample point i, the (H, W) uint8 mask (255 / 0) "neighbour i >= centre".
 
     The neighbour is the bilinear interpolation at skimage's sample position, 0 outside the
     image. It is compared exactly: with offsets in 1e-5 units the weights are integers summing to
@@ -439,12 +435,10 @@ def lbp_planes(gray: np.ndarray, P: int, R: float) -> Iterator[np.ndarray]:
     padded_f: np.ndarray | None = None
     centre: np.ndarray | None = None
     buf: np.ndarray | None = None
-    plane = np.empty((H, W), dtype=bool)
     for r0, fr, c0, fc in _sample_offsets(P, R):
         if fr == 0 and fc == 0:
             neighbour = padded[pad + r0 : pad + r0 + H, pad + c0 : pad + c0 + W]
-            np.greater_equal(neighbour, gray, out=plane)
-            yield plane
+            yield cv2.compare(neighbour, gray, cv2.CMP_GE)
             continue
         if padded_f is None:
             padded_f = padded.astype(np.float64)
@@ -457,28 +451,30 @@ def lbp_planes(gray: np.ndarray, P: int, R: float) -> Iterator[np.ndarray]:
             padded_f, cv2.CV_64F, kernel, dst=buf, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT
         )
         window = buf[pad + r0 : pad + r0 + H, pad + c0 : pad + c0 + W]
-        np.greater_equal(window, centre, out=plane)
-        yield plane
+        yield cv2.compare(window, centre, cv2.CMP_GE)
 
 
 def lbp_codes(gray: np.ndarray, P: int, R: float, method: str) -> np.ndarray:
     """(H, W) integer LBP codes in ``0..lbp_n_bins(P, method) - 1`` (skimage's definitions).
 
-    For P <= 16 the default code is accumulated in a small integer array and mapped through
-    :func:`code_lut`; larger P (uniform / nri_uniform only) use :func:`codes_from_bits`.
+    For P <= 16 the default code is accumulated bytewise (``code |= mask & 2**i``) and mapped
+    through :func:`code_lut`; larger P (uniform / nri_uniform only) use
+    :func:`codes_from_bits`.
     """
     if P > _MAX_P_LUT:
-        bits = np.stack([plane.copy() for plane in lbp_planes(gray, P, R)])
+        bits = np.stack([mask != 0 for mask in lbp_planes(gray, P, R)])
         return codes_from_bits(bits, method)
-    dtype = np.uint8 if P <= 8 else np.uint16
-    code = np.zeros(gray.shape, dtype=dtype)
-    for i, plane in enumerate(lbp_planes(gray, P, R)):
-        code |= np.left_shift(plane, i, dtype=dtype)
+    n_bytes = 1 if P <= 8 else 2
+    code_bytes = np.zeros((*gray.shape, n_bytes), dtype=np.uint8)  # little-endian code
+    for i, mask in enumerate(lbp_planes(gray, P, R)):
+        byte = code_bytes[..., i // 8]
+        np.bitwise_or(byte, mask & (1 << (i % 8)), out=byte)
+    code = code_bytes.view("<u2" if n_bytes == 2 else np.uint8)[..., 0]
     if method == "default":
         return code
     lut = code_lut(P, method)
-    if dtype == np.uint8:
-        return cv2.LUT(code, lut)
+    if n_bytes == 1:
+        return cv2.LUT(np.ascontiguousarray(code), lut)
     return lut[code]
 
 
@@ -489,7 +485,10 @@ class LBP(Descriptor):
     ``method``: ``uniform`` (rotation-invariant uniform patterns, P + 2 bins, the default),
     ``ror`` (all rotation-invariant patterns, one bin per class), ``nri_uniform``
     (non-rotation-invariant uniform, P(P-1) + 3 bins) or ``default`` (raw codes, 2**P bins,
-    P <= 16). Invariant to monotonic gray-level changes; the histogram sums to 1.
+    P <= 16). Invariant to brightness and contrast changes; the histogram sums to 1. Codes are
+    skimage's ``local_binary_pattern`` codes (``ror`` renumbered densely), with exact ties
+    between an interpolated neighbour and the centre counted as >= (skimage leaves those to
+    float rounding).
     """
 
     name = "lbp"
