@@ -1,9 +1,9 @@
 """Images per second of each descriptor beside decoding alone, on the same files in one run.
 
 Rates are single-process (one core), measured from bytes already in memory so disk speed does not
-enter. Decode-only is reported twice: at full size, and at the reduced size (JPEG draft mode)
-the descriptors ask for, which is the honest floor for a descriptor's own rate. The last row is
-the whole pipeline (`Collection.add`, every default descriptor, both cores, from disk).
+enter. Decode-only is reported twice: at full size, and with JPEG draft mode for the 256 px the
+descriptors ask for; the faster of the two is the floor a descriptor is compared with. The last
+row is the whole pipeline (`Collection.add`, every default descriptor, both cores, from disk).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _descriptor_rate(blobs: list[bytes], spec: str) -> float:
     def run() -> int:
         for lo in range(0, len(blobs), BATCH):
             arrays = [
-                images.to_array(images.decode(b, max_side=side), d.input_spec)
+                images.to_array(images.decode(b, max_side=side, shrink=False), d.input_spec)
                 for b in blobs[lo : lo + BATCH]
             ]
             d.transform(arrays)
@@ -46,8 +46,8 @@ def bench(name: str, limit: int | None) -> tuple[str, dict[str, float]]:
     blobs = [f.read_bytes() for f in files]
     out: dict[str, float] = {}
     out["decode (full size)"] = rate(lambda: sum(1 for b in blobs if images.decode(b)), 2)
-    out["decode (max side 256)"] = rate(
-        lambda: sum(1 for b in blobs if images.decode(b, max_side=256)), 2
+    out["decode (draft for 256)"] = rate(
+        lambda: sum(1 for b in blobs if images.decode(b, max_side=256, shrink=False)), 2
     )
     for spec in DEFAULT_DESCRIPTORS:
         out[spec] = _descriptor_rate(blobs, spec)
@@ -70,7 +70,7 @@ def main() -> str:
     for key in names:
         row: list[object] = [key]
         for _, r in results:
-            floor = r["decode (max side 256)"]
+            floor = max(r["decode (full size)"], r["decode (draft for 256)"])
             cell = f"{r[key]:,.0f} img/s"
             if key in DEFAULT_DESCRIPTORS:
                 cell += f" ({r[key] / floor:.0%} of decode)"

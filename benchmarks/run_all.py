@@ -27,8 +27,9 @@ The machine is shared and noisy: expect differences of 10-20% between runs.
 ## Extraction rate (images/s, one process, from bytes in memory)
 
 Goal: colour histograms at least half the decode-only rate, every hand-crafted descriptor at
-least a quarter. A descriptor's rate includes its own decode at the size it asks for, so the
-percentage compares it with decoding alone at that size (max side 256, JPEG draft mode).
+least a quarter. A descriptor's rate includes its own decode (JPEG draft mode at the size it
+asks for), resize and description; the percentage compares it with the faster of the two
+decode-only rates above it (full size, or draft for a 256 px target without the final resize).
 
 {extract}
 

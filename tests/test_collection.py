@@ -125,6 +125,8 @@ def test_bad_files_are_skipped_with_reasons_and_the_run_goes_on(colour_set, sett
         # Unchanged bad files are not retried; a repaired one is picked up.
         again = col.add(root)
         assert again.still_skipped == 3 and not again.skipped
+        retried = col.add(root, retry_skipped=True)
+        assert len(retried.skipped) == 3 and retried.still_skipped == 0
         colour_image(COLOURS["red"], np.random.default_rng(1)).save(bad / "text.png", "PNG")
         repaired = col.add(root)
         assert repaired.added == 1 and len(col) == 21
@@ -243,6 +245,56 @@ def test_a_killed_index_run_loses_nothing_and_resumes(tmp_path):
         _assert_consistent(col)
         report = col.add(root)
         assert report.added + report.unchanged == 160 and len(col) == 160
+        _assert_consistent(col)
+
+
+def test_ctrl_c_stops_two_workers_cleanly_and_keeps_the_work(tmp_path):
+    from tests.conftest import write_colour_set
+
+    root = tmp_path / "many"
+    write_colour_set(root, per_class=60, size=320)
+    col_dir = tmp_path / "col"
+    env = {**os.environ, "CBIR_FLUSH_EVERY": "8", "CBIR_WORKERS": "2"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbir.cli",
+        "index",
+        str(root),
+        "-c",
+        str(col_dir),
+        "-d",
+        "color-hist",
+        "-d",
+        "lbp",
+        "-d",
+        "hog",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    done, deadline = 0, time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and done < 24:
+        time.sleep(0.02)
+        with contextlib.suppress(sqlite3.Error):
+            con = sqlite3.connect(col_dir / "catalogue.sqlite", timeout=1)
+            done = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            con.close()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    _stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "run the same command again" in " ".join(stderr.split())
+    with Collection(col_dir, settings=Settings(collection=col_dir, workers=1)) as col:
+        kept = len(col)
+        assert 24 <= kept < 240
+        _assert_consistent(col)
+        report = col.add(root)
+        assert report.unchanged == kept and len(col) == 240
         _assert_consistent(col)
 
 

@@ -103,6 +103,9 @@ def index(
     all_files: Annotated[
         bool, typer.Option("--all-files", help="Try every file, not only image extensions.")
     ] = False,
+    retry_skipped: Annotated[
+        bool, typer.Option("--retry-skipped", help="Try again files skipped in earlier runs.")
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Worker processes [default: one per core].")
     ] = None,
@@ -137,6 +140,7 @@ def index(
                     descriptors=descriptor,
                     labels=labels,
                     all_files=all_files,
+                    retry_skipped=retry_skipped,
                     progress=progress,
                 )
             except IndexInterrupted as stop:
@@ -363,6 +367,7 @@ def demo(
             descriptor=None,
             labels="folder",
             all_files=False,
+            retry_skipped=False,
             workers=None,
             max_pixels=None,
             collection=collection,

@@ -151,6 +151,7 @@ class Collection:
         descriptors: Sequence[str | Descriptor] | None = None,
         labels: str | dict[str, str] | None = None,
         all_files: bool = False,
+        retry_skipped: bool = False,
         progress: ProgressCallback | None = None,
     ) -> IndexReport:
         """Add folders (recursively) and files; re-extract changed ones, keep unchanged ones.
@@ -158,8 +159,9 @@ class Collection:
         ``descriptors`` adds descriptors to the collection (a new collection without them gets
         the settings' defaults); every image gets vectors for every descriptor the collection
         holds. ``labels="folder"`` labels each image with the first folder below its source
-        folder; a dict maps paths to labels. Ctrl-C raises :class:`IndexInterrupted` after the
-        finished work is saved.
+        folder; a dict maps paths to labels. Files skipped before are retried only when they
+        changed, or with ``retry_skipped`` (e.g. after raising ``max_pixels``). Ctrl-C raises
+        :class:`IndexInterrupted` after the finished work is saved.
         """
         if isinstance(labels, str) and labels not in LABEL_SOURCES:
             raise ValueError(
@@ -195,7 +197,10 @@ class Collection:
                     st.st_size,
                     st.st_mtime_ns,
                 )
-                if rec is None or (not same_stat and rec.status == "skipped"):
+                retry = (
+                    rec is not None and rec.status == "skipped" and (retry_skipped or not same_stat)
+                )
+                if rec is None or retry:
                     tasks.append(Task(path, specs, label=label))
                 elif rec.status == "skipped":
                     report.still_skipped += 1

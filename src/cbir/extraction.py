@@ -7,14 +7,17 @@ decode. Work is shipped to worker processes in chunks of paths; the parent only 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
 import signal
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -90,7 +93,7 @@ def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
                     continue
             descriptors = [_descriptor(s) for s in specs]
             side = _decode_side(descriptors)
-            image = images.decode(data, max_side=side, max_pixels=max_pixels)
+            image = images.decode(data, max_side=side, max_pixels=max_pixels, shrink=False)
             update.width, update.height = image.info.get("original_size", image.size)
             arrays = images.prepare_arrays(image, [d.input_spec for d in descriptors])
             decoded.append((update, dict(zip(specs, arrays, strict=True))))
@@ -133,6 +136,29 @@ def _transform_all(decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]]) -> 
             u.vectors.clear()
 
 
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Turn the first Ctrl-C into a flag the loop checks, so it never lands mid-write.
+
+    A second Ctrl-C gets Python's default behaviour back and interrupts at once.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_tasks(
     tasks: Sequence[Task],
     *,
@@ -143,53 +169,50 @@ def run_tasks(
 ) -> None:
     """Process ``tasks`` on ``workers`` processes, calling ``on_result`` in the parent for each.
 
-    Chunks are submitted a few at a time so memory stays bounded. A KeyboardInterrupt stops
-    submitting, lets the chunks already running finish (their results are delivered), and is
-    then raised again for the caller to report.
+    Chunks are submitted a few at a time so memory stays bounded. Ctrl-C stops submitting,
+    lets the chunks already running finish (their results are delivered, nothing is written
+    half-way), then raises KeyboardInterrupt for the caller to report.
     """
     chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    if workers <= 1 or len(chunks) <= 2:
-        for chunk in chunks:
-            for update in extract_chunk(chunk, max_pixels):
-                on_result(update)
-        return
+    with _deferred_interrupt() as stop:
+        if workers <= 1 or len(chunks) <= 2:
+            for chunk in chunks:
+                if stop.is_set():
+                    break
+                for update in extract_chunk(chunk, max_pixels):
+                    on_result(update)
+        else:
+            _run_pool(chunks, workers, max_pixels, on_result, stop)
+        if stop.is_set():
+            raise KeyboardInterrupt
+
+
+def _run_pool(
+    chunks: list[Sequence[Task]],
+    workers: int,
+    max_pixels: int,
+    on_result: Callable[[ImageUpdate], None],
+    stop: threading.Event,
+) -> None:
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
-    pending: set[Future[list[ImageUpdate]]] = set()
-    todo: Iterator[Sequence[Task]] = iter(chunks)
+    todo = iter(chunks)
     try:
-        for chunk in _take(todo, workers * 3):
-            pending.add(pool.submit(extract_chunk, chunk, max_pixels))
+        pending = {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, workers * 3)}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for future in done:
+                if future.cancelled():
+                    continue
                 for update in future.result():
                     on_result(update)
-                for chunk in _take(todo, 1):
-                    pending.add(pool.submit(extract_chunk, chunk, max_pixels))
-    except KeyboardInterrupt:
-        for future in pending:
-            future.cancel()
-        for future in pending:
-            if not future.cancelled():
-                try:
-                    for update in future.result():
-                        on_result(update)
-                except Exception:
-                    pass
-        raise
+                if not stop.is_set():
+                    pending |= {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, 1)}
+            if stop.is_set():
+                for future in pending:
+                    future.cancel()  # chunks not started yet; running ones still deliver
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _take(it: Iterator[Sequence[Task]], n: int) -> list[Sequence[Task]]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 def extract_images(
@@ -200,6 +223,6 @@ def extract_images(
     arrays = []
     for source in sources:
         data = source if isinstance(source, bytes) else _read(os.fspath(source))[0]
-        image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels)
+        image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels, shrink=False)
         arrays.append(images.to_array(image, spec))
     return np.asarray(descriptor.transform(arrays), dtype=np.float32)

@@ -172,6 +172,7 @@ def decode(
     *,
     max_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    shrink: bool = True,
 ) -> Image.Image:
     """Decode image file bytes to an RGB image, ready for :func:`to_array`.
 
@@ -181,7 +182,9 @@ def decode(
     With ``max_side`` the longer side is shrunk to at most that (never enlarged), and JPEGs are
     decoded at a reduced DCT scale (draft mode), which skips most of the inverse DCT, colour
     conversion and resizing work (entropy decoding still reads the whole file).
-    ``image.info["original_size"]`` holds the full (oriented) size before any shrinking.
+    ``shrink=False`` stops after the draft decode (the longer side is then at least
+    ``max_side``): for callers that resize anyway, as :func:`prepare_arrays` does, with a
+    faster filter. ``image.info["original_size"]`` holds the full (oriented) size.
     Images over ``max_pixels`` are refused from the header, before any pixel is decoded.
     """
     if max_side is not None and max_side < 1:
@@ -192,7 +195,7 @@ def decode(
         raise ImageError("empty file (0 bytes)")
     try:
         with _pillow_guard(max_pixels):
-            return _decode(data, max_side, max_pixels)
+            return _decode(data, max_side if shrink else None, max_pixels, draft_side=max_side)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -205,15 +208,17 @@ def decode(
         raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(data: bytes, max_side: int | None, max_pixels: int) -> Image.Image:
+def _decode(
+    data: bytes, max_side: int | None, max_pixels: int, draft_side: int | None
+) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
         # Pillow's guard in Image.open normally refuses first; this check applies (and names the
         # size) when a concurrent decode with a larger limit has raised Pillow's.
         if width * height > max_pixels:
             raise ImageError(_too_big(width * height, max_pixels, (width, height)))
-        if max_side is not None and im.format in _DRAFT_FORMATS:
-            _draft(im, max_side)
+        if draft_side is not None and im.format in _DRAFT_FORMATS:
+            _draft(im, draft_side)
         im.load()
         stored = im.size  # after any draft reduction
         _apply_orientation(im)
