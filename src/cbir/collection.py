@@ -175,87 +175,13 @@ class Collection:
             if not requested and not self.descriptors:
                 requested = list(self.settings.default_descriptors)
             self._register(requested)
-            specs = tuple(d.spec for d in self.descriptors)
-            ids_by_spec = {d.spec: d.id for d in self.descriptors}
-
             files, roots = _discover(sources, all_files)
             report.scanned = len(files)
-            label_of = _label_function(labels, roots)
-            known = {r.path: r for r in self.store.images()}
-            present = self.store.present_descriptors()
-            tasks: list[Task] = []
-            relabel: dict[str, str | None] = {}
-            for path in files:
-                label = label_of(path)
-                rec = known.get(path)
-                try:
-                    st = os.stat(path)
-                except OSError as exc:
-                    report.skipped.append((path, f"cannot read file: {exc.strerror}"))
-                    continue
-                same_stat = rec is not None and (rec.size, rec.mtime_ns) == (
-                    st.st_size,
-                    st.st_mtime_ns,
-                )
-                retry = (
-                    rec is not None and rec.status == "skipped" and (retry_skipped or not same_stat)
-                )
-                if rec is None or retry:
-                    tasks.append(Task(path, specs, label=label))
-                elif rec.status == "skipped":
-                    report.still_skipped += 1
-                else:
-                    have = present.get(rec.id, set())
-                    missing = tuple(s for s in specs if ids_by_spec[s] not in have)
-                    if same_stat and not missing:
-                        report.unchanged += 1
-                        if label is not None and label != rec.label:
-                            relabel[path] = label
-                    else:
-                        tasks.append(Task(path, specs, rec.sha256, missing, label))
-            if relabel:
-                self.store.set_labels(relabel)
-            report.missing = _missing_under(known, roots)
-
-            buffer: list[ImageUpdate] = []
-            done = 0
-
-            def on_result(update: ImageUpdate) -> None:
-                nonlocal done
-                done += 1
-                buffer.append(update)
-                rec = known.get(update.path)
-                if update.status == "skipped":
-                    report.skipped.append((update.path, update.reason or "unknown reason"))
-                elif update.status == "unchanged":
-                    report.unchanged += 1
-                elif rec is None or rec.status == "skipped":
-                    report.added += 1
-                else:
-                    report.updated += 1
-                if update.status != "unchanged":
-                    report.extracted += 1
-                if len(buffer) >= self.settings.flush_every:
-                    self.store.write_batch(buffer)
-                    buffer.clear()
-                if progress is not None:
-                    progress(done, len(tasks))
-
-            if progress is not None:
-                progress(0, len(tasks))
-            try:
-                run_tasks(
-                    tasks,
-                    workers=self.settings.worker_count,
-                    max_pixels=self.settings.max_pixels,
-                    on_result=on_result,
-                )
-            except KeyboardInterrupt:
-                report.interrupted = True
-            self.store.write_batch(buffer)
-            if not report.interrupted:
-                for d in self.descriptors:
-                    self.store.compact(d.id)
+            tasks, new_paths = self._plan(
+                files, _label_function(labels, roots), retry_skipped, report
+            )
+            report.missing = _missing_under(self.store, roots)
+            self._extract(tasks, new_paths, report, progress)
         finally:
             self._indexes.clear()
             report.seconds = time.perf_counter() - started
@@ -263,6 +189,95 @@ class Collection:
         if report.interrupted:
             raise IndexInterrupted(report)
         return report
+
+    def _plan(
+        self,
+        files: list[str],
+        label_of: Callable[[str], str | None],
+        retry_skipped: bool,
+        report: IndexReport,
+    ) -> tuple[list[Task], set[str]]:
+        """Decide what each file needs: everything (new or changed content), only the
+        descriptors it lacks, or nothing. Returns the tasks and the paths that are new."""
+        specs = tuple(d.spec for d in self.descriptors)
+        ids_by_spec = {d.spec: d.id for d in self.descriptors}
+        known = {r.path: r for r in self.store.images()}
+        present = self.store.present_descriptors()
+        tasks: list[Task] = []
+        new_paths: set[str] = set()
+        relabel: dict[str, str | None] = {}
+        for path in files:
+            label = label_of(path)
+            rec = known.get(path)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                report.skipped.append((path, f"cannot read file: {exc.strerror}"))
+                continue
+            same_stat = rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns)
+            if rec is None or (rec.status == "skipped" and (retry_skipped or not same_stat)):
+                tasks.append(Task(path, specs, label=label))
+                new_paths.add(path)
+            elif rec.status == "skipped":
+                report.still_skipped += 1
+            else:
+                missing = tuple(s for s in specs if ids_by_spec[s] not in present.get(rec.id, ()))
+                if same_stat and not missing:
+                    report.unchanged += 1
+                    if label is not None and label != rec.label:
+                        relabel[path] = label
+                else:  # hashed in the worker: same content only gets what it lacks
+                    tasks.append(Task(path, specs, rec.sha256, missing, label))
+        if relabel:
+            self.store.set_labels(relabel)
+        return tasks, new_paths
+
+    def _extract(
+        self,
+        tasks: list[Task],
+        new_paths: set[str],
+        report: IndexReport,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Run the tasks on the worker processes, writing results in batches as they come."""
+        buffer: list[ImageUpdate] = []
+        done = 0
+
+        def on_result(update: ImageUpdate) -> None:
+            nonlocal done
+            done += 1
+            buffer.append(update)
+            if update.status == "skipped":
+                report.skipped.append((update.path, update.reason or "unknown reason"))
+            elif update.status == "unchanged":
+                report.unchanged += 1
+            elif update.path in new_paths:
+                report.added += 1
+            else:
+                report.updated += 1
+            if update.status != "unchanged":
+                report.extracted += 1
+            if len(buffer) >= self.settings.flush_every:
+                self.store.write_batch(buffer)
+                buffer.clear()
+            if progress is not None:
+                progress(done, len(tasks))
+
+        if progress is not None:
+            progress(0, len(tasks))
+        try:
+            run_tasks(
+                tasks,
+                workers=self.settings.worker_count,
+                max_pixels=self.settings.max_pixels,
+                on_result=on_result,
+            )
+        except KeyboardInterrupt:
+            report.interrupted = True
+        self.store.write_batch(buffer)
+        if not report.interrupted:
+            for d in self.descriptors:
+                self.store.compact(d.id)
 
     def remove(self, paths: Iterable[str | os.PathLike[str]] = (), *, missing: bool = False) -> int:
         """Drop images by path (a folder drops everything under it), and with ``missing=True``
@@ -553,8 +568,11 @@ def _label_function(
     return folder_label
 
 
-def _missing_under(known: dict[str, Any], roots: list[Path]) -> list[str]:
+def _missing_under(store: Store, roots: list[Path]) -> list[str]:
+    """Catalogued files under the indexed folders that are gone from disk."""
     prefixes = tuple(str(r).rstrip(os.sep) + os.sep for r in roots)
     if not prefixes:
         return []
-    return sorted(p for p in known if p.startswith(prefixes) and not os.path.exists(p))
+    return sorted(
+        r.path for r in store.images() if r.path.startswith(prefixes) and not os.path.exists(r.path)
+    )

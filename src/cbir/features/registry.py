@@ -7,6 +7,10 @@ text (with every parameter, see ``Descriptor.spec``) names its vectors inside a 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.metadata
+import pkgutil
+import warnings
 from typing import Any
 
 from cbir.features.base import Descriptor
@@ -27,9 +31,28 @@ def register_descriptor(cls: type[Descriptor]) -> type[Descriptor]:
     return cls
 
 
+_INFRASTRUCTURE = {"base", "registry", "inputs"}
+_loaded = False
+
+
 def _ensure_builtins() -> None:
-    # Importing the family modules runs their @register_descriptor decorators.
-    from cbir.features import color, shape, texture  # noqa: F401
+    """Import every family module of this package (running its ``@register_descriptor``
+    decorators), then plug-ins other packages declare under the ``cbir.descriptors`` entry
+    point group: a new descriptor is one file, with no list to edit."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import cbir.features as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+            importlib.import_module(f"cbir.features.{module.name}")
+    for entry in importlib.metadata.entry_points(group="cbir.descriptors"):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plug-in must not take the built-ins down
+            warnings.warn(f"cbir plug-in {entry.name!r} failed to load: {exc}", stacklevel=2)
 
 
 def descriptor_names() -> list[str]:

@@ -9,6 +9,10 @@ Search prepares the collection once, slices the prepared rows into blocks and ke
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import pkgutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +85,26 @@ def register_metric(metric: Metric) -> Metric:
     return metric
 
 
+_loaded = False
+
+
 def _ensure_builtins() -> None:
-    from cbir.metrics import distribution, vector  # noqa: F401
+    """Import every metric module of this package, then plug-ins declared under the
+    ``cbir.metrics`` entry point group: a new metric is one ``register_metric`` call."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import cbir.metrics as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name != "base" and not module.name.startswith("_"):
+            importlib.import_module(f"cbir.metrics.{module.name}")
+    for entry in importlib.metadata.entry_points(group="cbir.metrics"):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plug-in must not take the built-ins down
+            warnings.warn(f"cbir plug-in {entry.name!r} failed to load: {exc}", stacklevel=2)
 
 
 def metric_names() -> list[str]:
