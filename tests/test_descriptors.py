@@ -23,9 +23,19 @@ from cbir.features import (
     describe_descriptors,
     descriptor_names,
     get_descriptor_class,
+    shape,
+    texture,
 )
 from cbir.features.color import REGIONS, region_labels
-from cbir.features.texture import FOTF_FEATURES, GLCM_PROPS, lbp_codes, ror_lut
+from cbir.features.shape import hog_features
+from cbir.features.texture import (
+    FOTF_FEATURES,
+    GLCM_PROPS,
+    glcm_properties,
+    lbp_codes,
+    pair_counts,
+    ror_lut,
+)
 from cbir.metrics import get_metric, pairwise_distances
 
 NAMES = descriptor_names()
@@ -343,6 +353,68 @@ def test_glcm_flat_image_has_zero_correlation() -> None:
         assert f[f"ASM_d{dist}_mean"] == 1.0 and f[f"homogeneity_d{dist}_mean"] == 1.0
 
 
+def mixed_gray_batch() -> list[np.ndarray]:
+    """Small same-size images (counted together by GLCM), other sizes, RGB, degenerate ones."""
+    camera = data.camera()
+    tiles = [camera[r : r + 32, c : c + 32] for r, c in ((0, 0), (100, 50), (300, 400), (200, 9))]
+    return [
+        tiles[0],
+        camera[::8, ::8],  # 64 x 64
+        tiles[1],
+        np.full((32, 32), 77, np.uint8),  # flat
+        random_rgb(32, 32, seed=5),  # RGB: gray 32 x 32, joins the tiles
+        tiles[2],
+        random_rgb(37, 150)[..., 0],
+        random_rgb(1, 1)[..., 0],
+        tiles[3],
+        random_rgb(3, 5)[..., 1],
+        data.brick()[:100, :90],  # large enough to be counted on its own
+    ]
+
+
+@pytest.mark.parametrize("spec", ["glcm", "glcm:levels=8,distances=1x3x40,angles=6"])
+def test_glcm_batch_equals_one_at_a_time(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = create_descriptor(spec)
+    images = mixed_gray_batch()
+    X = d.transform(images)
+    assert X.shape == (len(images), d.dim) and X.dtype == np.float32
+    np.testing.assert_array_equal(X, np.stack([d.transform_one(image) for image in images]))
+    np.testing.assert_array_equal(d.transform(images[1:2]), X[1:2])
+    empty = d.transform([])
+    assert empty.shape == (0, d.dim) and empty.dtype == np.float32
+    # however the batch is chunked: one image per chunk, or all in one
+    for cells in (1, 2**30):
+        monkeypatch.setattr(texture, "_CHUNK_CELLS", cells)
+        np.testing.assert_array_equal(d.transform(images), X)
+
+
+def test_pair_counts_match_skimage_batched_and_alone() -> None:
+    d = create_descriptor("glcm:levels=8,distances=1x3x50,angles=4")  # 50: longer than the images
+    camera = data.camera()
+    q = np.stack([camera[r : r + 30, r : r + 30] // 32 for r in (0, 120, 250, 400)])
+    counts = pair_counts(q, d.offsets, 8)
+    assert counts.shape == (4, 12, 8, 8)
+    for n, image in enumerate(q):
+        np.testing.assert_array_equal(pair_counts(image[None], d.offsets, 8)[0], counts[n])
+        ref = graycomatrix(image, d.distances, d.angle_values, 8)  # not symmetric, not normed
+        np.testing.assert_array_equal(counts[n], np.moveaxis(ref.reshape(8, 8, -1), 2, 0))
+    assert not counts[:, 8:].any()
+
+
+def test_glcm_properties_of_asymmetric_counts_and_probabilities() -> None:
+    gray = data.camera()[::4, ::4] // 32
+    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    counts = graycomatrix(gray, [1, 3], angles, 8).astype(np.float64)
+    P = counts / counts.sum(axis=(0, 1), keepdims=True)
+    from_counts, from_p = glcm_properties(counts), glcm_properties(P)
+    for prop in ("contrast", "dissimilarity", "homogeneity", "ASM", "energy", "correlation"):
+        np.testing.assert_allclose(from_p[prop], graycoprops(P, prop), rtol=1e-10, err_msg=prop)
+        np.testing.assert_allclose(from_counts[prop], from_p[prop], rtol=1e-10, err_msg=prop)
+    logp = np.log2(P, where=P > 0, out=np.zeros_like(P))
+    np.testing.assert_allclose(from_p["entropy"], -(P * logp).sum(axis=(0, 1)), rtol=1e-10)
+    np.testing.assert_allclose(from_counts["entropy"], from_p["entropy"], rtol=1e-10)
+
+
 # -- first-order statistics --------------------------------------------------------------------
 def test_fotf_matches_numpy_and_scipy() -> None:
     d = create_descriptor("fotf")
@@ -478,6 +550,45 @@ def test_hog_matches_skimage() -> None:
     resized = cv2.resize(big, (128, 128), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(d.transform_one(big), d.transform_one(resized))
     assert not d.transform_one(np.full((128, 128), 50, np.uint8)).any()  # no gradient
+
+
+@pytest.mark.parametrize("spec", ["hog", NON_DEFAULT["hog"]])
+def test_hog_batch_equals_one_at_a_time(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = create_descriptor(spec)
+    gray = to_input(d, astronaut())
+    images = [
+        gray,
+        gray[::-1],
+        to_input(d, random_rgb(128, 128)),
+        np.full((d.size, d.size), 50, np.uint8),
+        cv2.resize(random_rgb(128, 128, seed=5), (d.size, d.size)),  # RGB
+        cv2.cvtColor(cv2.resize(data.astronaut(), (300, 200)), cv2.COLOR_RGB2GRAY),  # resized
+        random_rgb(37, 150)[..., 0],  # resized (enlarged)
+        gray.T.copy(),
+        to_input(d, random_rgb(128, 128, seed=6)),
+    ]
+    X = d.transform(images)
+    assert X.shape == (len(images), d.dim) and X.dtype == np.float32
+    np.testing.assert_array_equal(X, np.stack([d.transform_one(image) for image in images]))
+    np.testing.assert_array_equal(d.transform(images[5:6]), X[5:6])
+    empty = d.transform([])
+    assert empty.shape == (0, d.dim) and empty.dtype == np.float32
+    # however the batch is chunked: one image per chunk, or all in one
+    for pixels in (1, 2**30):
+        monkeypatch.setattr(shape, "_CHUNK_PIXELS", pixels)
+        np.testing.assert_array_equal(d.transform(images), X)
+
+
+def test_hog_features_of_a_stack_match_skimage() -> None:
+    gray = cv2.cvtColor(astronaut(), cv2.COLOR_RGB2GRAY)
+    stack = np.stack([gray[:96, :80], gray[32:, 48:], random_rgb(96, 80)[..., 2]])
+    for orientations, cell, block, norm in ((9, 16, 2, "L2-Hys"), (7, 10, 3, "L1-sqrt")):
+        out = hog_features(stack, orientations, cell, block, norm)
+        assert out.shape[0] == 3 and out.dtype == np.float64
+        for row, image in zip(out, stack, strict=True):
+            ref = hog(image, orientations, (cell, cell), (block, block), norm, feature_vector=True)
+            np.testing.assert_allclose(row, ref, rtol=1e-6, atol=1e-7)  # skimage: float32 sums
+            np.testing.assert_array_equal(hog_features(image, orientations, cell, block, norm), row)
 
 
 # -- texture and shape retrieval on synthetic sets -----------------------------------------------

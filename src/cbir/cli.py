@@ -80,8 +80,10 @@ class _RateColumn(ProgressColumn):
     """Images per second, the figure users compare against decoding."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:,.0f} img/s", style="cyan")
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- img/s", style="cyan")
+        return Text(f"{task.completed / elapsed:,.0f} img/s", style="cyan")
 
 
 # -- index -----------------------------------------------------------------------------------
@@ -304,6 +306,105 @@ def export(
         col.close()
     for f in files:
         out.print(f"wrote {f}", highlight=False)
+
+
+# -- evaluate --------------------------------------------------------------------------------
+@app.command()
+def evaluate(
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Labelled images: a folder per class, a CSV/JSON of path -> "
+            "label(s), CIFAR-10 python batches (DIR or DIR:test) or MNIST IDX files."
+        ),
+    ],
+    queries: Annotated[
+        str | None,
+        typer.Option(
+            "--queries", "-q", help="A separate labelled query set (else leave-one-out over DATA)."
+        ),
+    ] = None,
+    descriptor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--descriptor",
+            "--descriptors",
+            "-d",
+            help="Descriptors to compare (repeatable) [default: every hand-crafted].",
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "--metrics",
+            "-m",
+            help="Metrics to compare (repeatable or comma-separated) [default: every "
+            "metric that applies].",
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the report.")] = Path(
+        "cbir-evaluation"
+    ),
+    k: Annotated[int, typer.Option("-k", help="Cut-off of P@k, R@k, nDCG@k and mosaics.")] = 10,
+    map_k: Annotated[int, typer.Option("--map-k", help="Cut-off of the MAP@k columns.")] = 100,
+    depth: Annotated[
+        int | None, typer.Option(help="Ranking depth [default: whole collection up to 20,000].")
+    ] = None,
+    sample_queries: Annotated[
+        int | None, typer.Option("--sample-queries", help="Evaluate this many random queries.")
+    ] = None,
+    mosaics: Annotated[int, typer.Option(help="Result mosaics to draw.")] = 5,
+    workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare descriptors and metrics on labelled images: MAP tables, curves, mosaics."""
+    from cbir.evaluation import GridConfig, evaluate_dataset
+
+    with _user_errors():
+        metrics_list = [m.strip() for item in metric or [] for m in item.split(",") if m.strip()]
+        config = GridConfig(
+            descriptors=descriptor or Settings().default_descriptors,
+            metrics=metrics_list or None,
+            ks=(k,),
+            map_k=map_k,
+            depth=depth,
+            sample_queries=sample_queries,
+        )
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            disable=as_json,
+        ) as bar:
+            task = bar.add_task("loading", total=None)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=stage, completed=done, total=total)
+
+            report = evaluate_dataset(
+                data,
+                queries,
+                config,
+                output,
+                settings=_settings(None, workers=workers),
+                mosaics=mosaics,
+                k=k,
+                progress=progress,
+            )
+    if as_json:
+        _print_json(
+            {
+                "recommendation": report["recommendation"],
+                "rows": report["rows"],
+                "output": str(output),
+            }
+        )
+        return
+    out.print((output / "results.md").read_text(), highlight=False)
+    out.print(report["summary"], highlight=False)
 
 
 # -- registries ------------------------------------------------------------------------------

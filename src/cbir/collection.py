@@ -52,7 +52,7 @@ class IndexReport:
 
     @property
     def rate(self) -> float:
-        """Images processed per second (decoded and described)."""
+        """Images described per second over the whole run."""
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,7 +255,7 @@ class Collection:
                 report.added += 1
             else:
                 report.updated += 1
-            if update.status != "unchanged":
+            if update.status == "ok":
                 report.extracted += 1
             if len(buffer) >= self.settings.flush_every:
                 self.store.write_batch(buffer)

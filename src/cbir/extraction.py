@@ -28,11 +28,12 @@ from cbir.store import ImageUpdate
 
 @dataclass(frozen=True)
 class Task:
-    """One file to (re)process.
+    """One file (or in-memory image) to (re)process.
 
     ``specs`` are extracted when the content is new or changed; when the file's hash still equals
     ``known_sha256`` only ``specs_if_unchanged`` are (the descriptors it lacks), and a file that
-    lacks none comes back "unchanged" without being decoded.
+    lacks none comes back "unchanged" without being decoded. With ``array`` set (images that
+    come as arrays, e.g. CIFAR batches), ``path`` is only a name and nothing is read.
     """
 
     path: str
@@ -40,6 +41,7 @@ class Task:
     known_sha256: str | None = None
     specs_if_unchanged: tuple[str, ...] = ()
     label: str | None = None
+    array: np.ndarray | None = None
 
 
 _DESCRIPTORS: dict[str, Descriptor] = {}
@@ -82,8 +84,11 @@ def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
         )
         updates.append(update)
         try:
-            data, st = _read(task.path)
-            update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
+            if task.array is not None:
+                data = np.ascontiguousarray(task.array)
+            else:
+                data, st = _read(task.path)
+                update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
             update.sha256 = hashlib.sha256(data).hexdigest()
             specs = task.specs
             if update.sha256 == task.known_sha256:
@@ -93,7 +98,10 @@ def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
                     continue
             descriptors = [_descriptor(s) for s in specs]
             side = _decode_side(descriptors)
-            image = images.decode(data, max_side=side, max_pixels=max_pixels, shrink=False)
+            if isinstance(data, np.ndarray):
+                image = images.from_array(data)
+            else:
+                image = images.decode(data, max_side=side, max_pixels=max_pixels, shrink=False)
             update.width, update.height = image.info.get("original_size", image.size)
             arrays = images.prepare_arrays(image, [d.input_spec for d in descriptors])
             decoded.append((update, dict(zip(specs, arrays, strict=True))))

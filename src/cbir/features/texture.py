@@ -42,49 +42,131 @@ GLCM_PROPS = (
 )
 
 
+#: Co-occurrence cells per chunk of ``GLCM.transform`` (512 KB of float64). The property pass
+#: is memory-bound: larger chunks of small images are no faster, and from ~2^17 cells on
+#: malloc starts returning their memory to the system, so each chunk page-faults it back.
+_CHUNK_CELLS = 2**16
+#: Same-size images up to this many pixels are counted together by :func:`pair_counts`; for
+#: larger ones (from about 96 x 96) one ``calcHist`` per image and offset is as fast.
+_BATCH_COUNT_PIXELS = 64 * 64
+_TINY = np.finfo(np.float64).tiny  # log2(tiny) is finite, so 0 * log2(max(0, tiny)) = 0
+
+
 @functools.lru_cache(maxsize=8)
-def _glcm_weights(L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per GLCM cell (i, j), flattened: the weights of contrast, dissimilarity and homogeneity
-    as rows of one (3, L*L) matrix, and the row and column levels i and j."""
-    i, j = np.indices((L, L), dtype=np.float64)
-    i, j = i.ravel(), j.ravel()
-    diff2 = (i - j) ** 2
-    linear = np.stack([diff2, np.sqrt(diff2), 1.0 / (1.0 + diff2)])
-    for a in (linear, i, j):
+def _glcm_weights(L: int) -> tuple[np.ndarray, np.ndarray]:
+    """The gray levels 0..L-1 and, per flattened GLCM cell (i, j), the weights of contrast,
+    dissimilarity and homogeneity as the columns of one (L*L, 3) matrix."""
+    levels = np.arange(L, dtype=np.float64)
+    diff2 = ((levels[:, None] - levels[None, :]) ** 2).ravel()
+    linear = np.stack([diff2, np.sqrt(diff2), 1.0 / (1.0 + diff2)], axis=1)
+    for a in (levels, linear):
         a.flags.writeable = False
-    return linear, i, j
+    return levels, linear
+
+
+def haralick(S: np.ndarray) -> np.ndarray:
+    """The :data:`GLCM_PROPS` (rows) of each of a stack of co-occurrence matrices (M, L, L).
+
+    ``S`` holds counts or probabilities (each matrix is normalised by its sum; an all-zero
+    matrix gives zeros). Everything except entropy is a few matrix products over the stack, and
+    variance and covariance come from raw moments (``T sum p l^2 - (sum p l)^2``): on integer
+    counts these are exact in float64 (below 2^53: images up to 256 px at any ``levels``), so
+    a flat image has exactly zero variance.
+    """
+    M, L, _ = S.shape
+    levels, linear = _glcm_weights(L)
+    flat = S.reshape(M, L * L)
+    # row sums and sum_j S_ij * j of each row i, in one product: (M, L, 2)
+    by_row = (S.reshape(M * L, L) @ np.stack([np.ones(L), levels], axis=1)).reshape(M, L, 2)
+    rows, row_sums = by_row[..., 0], by_row[..., 1]
+    cols = S.sum(axis=1)
+    total = rows.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    m_i, m_j = rows @ levels, cols @ levels
+    var_i = np.maximum(total * (rows @ levels**2) - m_i * m_i, 0.0)  # = total^2 * var
+    var_j = np.maximum(total * (cols @ levels**2) - m_j * m_j, 0.0)
+    cov = total * (row_sums @ levels) - m_i * m_j
+    std_i, std_j = np.sqrt(var_i), np.sqrt(var_j)
+    ok = (std_i >= 1e-15 * total) & (std_j >= 1e-15 * total) & (total > 0)
+    corr = np.divide(cov, std_i * std_j, out=np.zeros(M), where=ok)
+    contrast, dissimilarity, homogeneity = (flat @ linear).T / safe
+    asm = np.einsum("mk,mk->m", flat, flat) / (safe * safe)
+    log = np.maximum(flat, _TINY)
+    # in place: a second stack-sized temporary costs more (page faults) than the log itself
+    xlogx = np.einsum("mk,mk->m", flat, np.log2(log, out=log))
+    # -sum (S/T) log2(S/T) = (T log2 T - sum S log2 S) / T; exactly 0 for a single cell
+    entropy = (total * np.log2(safe) - xlogx) / safe
+    return np.stack([contrast, dissimilarity, homogeneity, asm, np.sqrt(asm), corr, entropy])
 
 
 def glcm_properties(P: np.ndarray) -> dict[str, np.ndarray]:
-    """Haralick properties of normalised GLCMs ``P`` of shape (L, L, n_dist, n_angle).
+    """Haralick properties of GLCMs ``P`` of shape (L, L, ...), e.g. (L, L, n_dist, n_angle).
 
     Same formulas as ``skimage.feature.graycoprops`` (computed in one vectorised pass instead of
-    one call per property), plus entropy in bits. Correlation is 0, not 1 or NaN, where a gray
-    level distribution has no variance (flat image): a flat image has no linear dependence.
+    one call per property), plus entropy in bits. ``P`` may also hold counts: see
+    :func:`haralick`, which does the work. Correlation is 0, not 1 or NaN, where a gray level
+    distribution has no variance (flat image): a flat image has no linear dependence.
     """
     L = P.shape[0]
-    flat = P.reshape(L * L, -1)
-    linear, i, j = _glcm_weights(L)
-    contrast, dissimilarity, homogeneity = linear @ flat
-    asm = np.einsum("ij,ij->j", flat, flat)
-    di = i[:, None] - (i @ flat)[None, :]
-    dj = j[:, None] - (j @ flat)[None, :]
-    pdi = flat * di
-    std_i = np.sqrt(np.einsum("ij,ij->j", pdi, di))
-    std_j = np.sqrt(np.einsum("ij,ij->j", flat * dj, dj))
-    cov = np.einsum("ij,ij->j", pdi, dj)
-    ok = (std_i >= 1e-15) & (std_j >= 1e-15)
-    corr = np.divide(cov, std_i * std_j, out=np.zeros_like(cov), where=ok)
-    props = {
-        "contrast": contrast,
-        "dissimilarity": dissimilarity,
-        "homogeneity": homogeneity,
-        "ASM": asm,
-        "energy": np.sqrt(asm),
-        "correlation": corr,
-        "entropy": _entropy_bits(flat, axis=0),
-    }
-    return {k: v.reshape(P.shape[2:]) for k, v in props.items()}
+    stack = np.ascontiguousarray(np.moveaxis(P.reshape(L, L, -1), 2, 0), dtype=np.float64)
+    props = haralick(stack)
+    return {name: props[k].reshape(P.shape[2:]) for k, name in enumerate(GLCM_PROPS)}
+
+
+@functools.lru_cache(maxsize=32)
+def _glcm_offsets(distances: tuple[int, ...], angles: int) -> tuple[tuple[int, int], ...]:
+    """(row, col) pixel offset of each (distance, angle), distance-major, as skimage rounds."""
+    out = []
+    for d in distances:
+        for angle in np.arange(angles) * (np.pi / angles):
+            dr, dc = math.sin(angle) * d, math.cos(angle) * d
+            # C round(): half away from zero
+            out.append(
+                (
+                    int(math.copysign(math.floor(abs(dr) + 0.5), dr)),
+                    int(math.copysign(math.floor(abs(dc) + 0.5), dc)),
+                )
+            )
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _quantiser(levels: int) -> np.ndarray:
+    """The 256-entry ``cv2.LUT`` table of ``v * levels // 256``."""
+    lut = ((np.arange(256) * levels) // 256).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+def pair_counts(q: np.ndarray, offsets: Sequence[tuple[int, int]], L: int) -> np.ndarray:
+    """Co-occurrence counts (N, len(offsets), L, L) float32 of quantised images q (N, H, W).
+
+    ``[n, k, i, j]``: pixels of level i whose neighbour at ``offsets[k]`` has level j (not
+    symmetric); an offset longer than the image gives a zero matrix. One image: one
+    ``cv2.calcHist`` of two shifted views per offset. Several: one call per offset counts
+    (image, level, level) triples of the whole stack (N <= 256: the image number is a uint8
+    channel), 2-4x faster for small images than one call per image.
+    """
+    N, H, W = q.shape
+    if N > 256:
+        raise ValueError(f"at most 256 images at once, got {N}")
+    counts = np.zeros((N, len(offsets), L, L), dtype=np.float32)
+    for k, (dr, dc) in enumerate(offsets):
+        lo, hi = max(0, -dc), W - max(0, dc)  # columns of the first pixel of a pair
+        h, w = H - dr, hi - lo
+        if h <= 0 or w <= 0:
+            continue
+        first, second = q[:, :h, lo:hi], q[:, dr:, lo + dc : hi + dc]
+        if N == 1:
+            counts[0, k] = cv2.calcHist([first[0], second[0]], [0, 1], None, [L, L], [0, L, 0, L])
+            continue
+        image = np.repeat(np.arange(N, dtype=np.uint8), h * w).reshape(N * h, w)
+        first = np.ascontiguousarray(first).reshape(N * h, w)
+        second = np.ascontiguousarray(second).reshape(N * h, w)
+        counts[:, k] = cv2.calcHist(
+            [image, first, second], [0, 1, 2], None, [N, L, L], [0, N, 0, L, 0, L]
+        )
+    return counts
 
 
 @register_descriptor
@@ -147,58 +229,74 @@ class GLCM(Descriptor):
     @property
     def offsets(self) -> list[tuple[int, int]]:
         """(row, col) pixel offset of each (distance, angle), distance-major, as skimage rounds."""
-        out = []
-        for d in self.distances:
-            for angle in self.angle_values:
-                dr, dc = math.sin(angle) * d, math.cos(angle) * d
-                # C round(): half away from zero
-                out.append(
-                    (
-                        int(math.copysign(math.floor(abs(dr) + 0.5), dr)),
-                        int(math.copysign(math.floor(abs(dc) + 0.5), dc)),
-                    )
-                )
-        return out
+        return list(_glcm_offsets(self.distances, self.angles))
+
+    def _distinct_offsets(self) -> tuple[tuple[tuple[int, int], ...], np.ndarray]:
+        """The distinct offsets, and where each of :attr:`offsets` is among them.
+
+        Offsets that round to the same pixel step (45 degrees at distances 1 and 2) are counted
+        and described once.
+        """
+        offsets = _glcm_offsets(self.distances, self.angles)
+        distinct = tuple(dict.fromkeys(offsets))
+        return distinct, np.array([distinct.index(o) for o in offsets], dtype=np.intp)
+
+    def _symmetric_counts(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        """Symmetric counts (n, n_distinct, levels, levels), float64, of uint8 gray images.
+
+        Same-size images up to :data:`_BATCH_COUNT_PIXELS` are counted together.
+        """
+        L, lut = self.levels, _quantiser(self.levels)
+        distinct = self._distinct_offsets()[0]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, gray in enumerate(grays):
+            key = gray.shape if gray.size <= _BATCH_COUNT_PIXELS else (i,)
+            groups.setdefault(key, []).append(i)
+        counts = np.empty((len(grays), len(distinct), L, L), dtype=np.float32)
+        for members in groups.values():
+            stack = np.stack([grays[i] for i in members])
+            n, H, W = stack.shape
+            q = cv2.LUT(stack.reshape(n * H, W), lut).reshape(n, H, W)
+            counts[members] = pair_counts(q, distinct, L)
+        return np.add(counts, counts.swapaxes(2, 3), dtype=np.float64)
 
     def matrices(self, image: np.ndarray) -> np.ndarray:
         """Symmetric normalised GLCMs of shape (levels, levels, n_distances, n_angles).
 
         Equal to ``graycomatrix(q, distances, angles, levels, symmetric=True, normed=True)``
-        of the quantised image ``q`` (the tests check it). Counting a pair of contiguous uint8
-        views with ``cv2.calcHist`` is about twice as fast as skimage's loop, and offsets that
-        round to the same pixel step (45 degrees at distances 1 and 2) are counted once.
+        of the quantised image ``q`` (the tests check it), counted by :func:`pair_counts`.
         """
-        gray = as_gray_uint8(image)
         L = self.levels
-        lut = ((np.arange(256) * L) // 256).astype(np.uint8)
-        q = cv2.LUT(gray, lut)
-        H, W = q.shape
-        counted: dict[tuple[int, int], np.ndarray] = {}
-        mats = []
-        for dr, dc in self.offsets:
-            if (dr, dc) not in counted:
-                lo, hi = max(0, -dc), W - max(0, dc)  # columns of the first pixel of a pair
-                if dr >= H or hi <= lo:
-                    counted[dr, dc] = np.zeros((L, L), dtype=np.float32)
-                else:
-                    first = np.ascontiguousarray(q[: H - dr, lo:hi])
-                    second = np.ascontiguousarray(q[dr:, lo + dc : hi + dc])
-                    counted[dr, dc] = cv2.calcHist(
-                        [first, second], [0, 1], None, [L, L], [0, L, 0, L]
-                    )
-            mats.append(counted[dr, dc])
-        counts = np.stack(mats, axis=-1).astype(np.float64)  # (L, L, n_dist * n_angle)
-        P = counts + counts.transpose(1, 0, 2)
-        totals = P.sum(axis=(0, 1), keepdims=True)
-        P /= np.maximum(totals, 1.0)  # an empty matrix (distance > image) stays all zero
-        return P.reshape(L, L, len(self.distances), self.angles)
+        counts = self._symmetric_counts([as_gray_uint8(image)])[0][self._distinct_offsets()[1]]
+        totals = counts.sum(axis=(1, 2), keepdims=True)
+        P = counts / np.maximum(totals, 1.0)  # an empty matrix (distance > image) stays zero
+        return np.moveaxis(P, 0, -1).reshape(L, L, len(self.distances), self.angles)
+
+    def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Mean and range over angles of each property at each distance, for a batch.
+
+        The properties of a chunk of images (about :data:`_CHUNK_CELLS` matrix cells, whatever
+        the image sizes) are computed in one pass.
+        """
+        out = np.empty((len(images), self.dim), dtype=self.dtype)
+        if len(images) == 0:
+            return out
+        grays = [as_gray_uint8(image) for image in images]
+        L, n_dist, n_angle = self.levels, len(self.distances), self.angles
+        distinct, where = self._distinct_offsets()
+        step = min(256, max(1, _CHUNK_CELLS // (len(distinct) * L * L)))
+        for lo in range(0, len(grays), step):
+            chunk = grays[lo : lo + step]
+            counts = self._symmetric_counts(chunk)
+            props = haralick(counts.reshape(-1, L, L)).reshape(-1, len(chunk), len(distinct))
+            props = props[:, :, where].reshape(-1, len(chunk), n_dist, n_angle)
+            stats = np.stack([props.mean(axis=3), np.ptp(props, axis=3)], axis=3)
+            out[lo : lo + step] = np.moveaxis(stats, 1, 0).reshape(len(chunk), -1)
+        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
 
     def transform_one(self, image: np.ndarray) -> np.ndarray:
-        """Mean and range over angles of each property at each distance."""
-        props = glcm_properties(self.matrices(image))
-        stacked = np.stack([props[name] for name in GLCM_PROPS])  # (7, n_dist, n_angle)
-        out = np.stack([stacked.mean(axis=2), np.ptp(stacked, axis=2)], axis=2)
-        return np.nan_to_num(out.ravel(), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        """The vector of one image (a batch of one, so it equals the rows of ``transform``)."""
+        return self.transform([image])[0]
 
 
 # --------------------------------------------------------------------------------------------
