@@ -1,0 +1,329 @@
+"""Experiment grids: every descriptor against every metric on labelled images.
+
+The stages are kept apart (as in PyRetri): extract each descriptor once for all items (in
+parallel, cached on disk), rank every query under every metric (blocked distance matrices),
+score the rankings, then write tables, curves, mosaics and TREC files. Two protocols: leave-one-
+out over one labelled set (each item queries all the others), or a query set against a
+separate collection (e.g. CIFAR-10 test against train).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir.config import DEFAULT_DESCRIPTORS, Settings
+from cbir.evaluation.datasets import LabelledSet, Relevance
+from cbir.evaluation.measures import (
+    average_precision,
+    interpolated_precision_11,
+    mean_over_queries,
+    per_class_mean,
+    precision_curve,
+    summarise,
+)
+from cbir.extraction import Task, run_tasks
+from cbir.features import create_descriptor, get_descriptor_class
+from cbir.metrics import as_matrix, get_metric, metric_names
+from cbir.store import ImageUpdate
+
+GridProgress = Callable[[str, int, int], None]
+#: Rankings longer than this are cut for large collections (full AP needs the full ranking,
+#: which costs a sort of the whole collection per query); see ``GridConfig.depth``.
+FULL_RANKING_LIMIT = 20_000
+
+
+@dataclass
+class GridConfig:
+    """What to run. ``metrics=None`` means every metric that applies to each descriptor."""
+
+    descriptors: Sequence[str] = DEFAULT_DESCRIPTORS
+    metrics: Sequence[str] | None = None
+    ks: Sequence[int] = (10,)
+    map_k: int = 100
+    #: ranking depth; None = the whole collection up to FULL_RANKING_LIMIT items, else 1000
+    depth: int | None = None
+    #: evaluate only this many (seeded random) queries; None = all
+    sample_queries: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Combination:
+    """The scores of one descriptor under one metric."""
+
+    descriptor: str
+    metric: str
+    summary: dict[str, float]
+    curve11: np.ndarray
+    precision_at: tuple[np.ndarray, np.ndarray]
+    per_class_ap: dict[str, float]
+    query_ms: float
+    ranked: np.ndarray  # (q, depth) collection indices
+    distances: np.ndarray  # (q, depth)
+
+    @property
+    def label(self) -> str:
+        return f"{self.descriptor} / {self.metric}"
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "descriptor": self.descriptor,
+            "metric": self.metric,
+            **self.summary,
+            "query ms": round(self.query_ms, 3),
+        }
+
+
+@dataclass
+class GridResult:
+    """Everything a grid run measured."""
+
+    combinations: list[Combination]
+    query_index: np.ndarray  # indices into the query set of the evaluated queries
+    leave_one_out: bool
+    depth: int
+    extract_seconds: dict[str, float]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [c.row() for c in self.combinations]
+
+
+def applicable_metrics(descriptor: str, metrics: Sequence[str] | None) -> list[str]:
+    """The metrics to try with a descriptor: histogram metrics only for non-negative ones."""
+    nonnegative = get_descriptor_class(create_descriptor(descriptor).name).nonnegative
+    names = metric_names() if metrics is None else [get_metric(m).name for m in metrics]
+    return [m for m in names if nonnegative or not get_metric(m).nonnegative]
+
+
+# -- stage 1: extraction -----------------------------------------------------------------------
+def extract_features(
+    data: LabelledSet,
+    specs: Sequence[str],
+    *,
+    settings: Settings,
+    cache_dir: Path | None = None,
+    progress: GridProgress | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]], dict[str, float]]:
+    """Vectors of every item for every descriptor, decoding each item once.
+
+    Returns ``(features by spec, ok mask, skipped (id, reason), seconds per spec)``. Items that
+    cannot be decoded are masked out everywhere. Features are cached in ``cache_dir`` keyed by
+    the descriptor spec and the item ids, so re-running a grid with other metrics is cheap.
+    """
+    specs = [create_descriptor(s).spec for s in specs]
+    fingerprint = hashlib.sha1("\n".join(data.ids).encode()).hexdigest()[:16]
+    features: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    ok = np.ones(len(data), dtype=bool)
+    todo = []
+    for spec in specs:
+        cached = _cache_path(cache_dir, spec, fingerprint)
+        if cached is not None and cached.exists():
+            with np.load(cached) as z:
+                features[spec], mask = z["features"], z["ok"]
+            ok &= mask
+            seconds[spec] = 0.0
+        else:
+            todo.append(spec)
+    skipped: list[tuple[str, str]] = []
+    if todo:
+        dims = {s: create_descriptor(s).dim for s in todo}
+        out = {s: np.zeros((len(data), dims[s]), dtype=np.float32) for s in todo}
+        fresh_ok = np.ones(len(data), dtype=bool)
+        tasks = [  # arrays travel in the task, named by their id; files by their path
+            Task(name, tuple(todo), array=item)
+            if isinstance(item, np.ndarray)
+            else Task(str(item), tuple(todo))
+            for name, item in zip(data.ids, data.items, strict=True)
+        ]
+        position = {t.path: i for i, t in enumerate(tasks)}
+        done = 0
+
+        def on_result(update: ImageUpdate) -> None:
+            nonlocal done
+            done += 1
+            i = position[update.path]
+            if update.status != "ok":
+                fresh_ok[i] = False
+                skipped.append((data.ids[i], update.reason or "unknown reason"))
+            else:
+                for s, vec in update.vectors.items():
+                    out[s][i] = vec
+            if progress is not None and done % 64 == 0:
+                progress("extracting", done, len(tasks))
+
+        started = time.perf_counter()
+        run_tasks(
+            tasks,
+            workers=settings.worker_count,
+            max_pixels=settings.max_pixels,
+            on_result=on_result,
+        )
+        elapsed = time.perf_counter() - started
+        for spec in todo:
+            features[spec] = out[spec]
+            seconds[spec] = elapsed / len(todo)  # one decode serves them all
+            cached = _cache_path(cache_dir, spec, fingerprint)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cached, features=out[spec], ok=fresh_ok)
+        ok &= fresh_ok
+    return features, ok, skipped, seconds
+
+
+def _cache_path(cache_dir: Path | None, spec: str, fingerprint: str) -> Path | None:
+    if cache_dir is None:
+        return None
+    key = hashlib.sha1(f"{spec}|{fingerprint}".encode()).hexdigest()[:16]
+    return cache_dir / f"{spec.split(':')[0]}-{key}.npz"
+
+
+# -- stage 2: ranking --------------------------------------------------------------------------
+def rank(
+    metric: str,
+    queries: np.ndarray,
+    collection: np.ndarray,
+    depth: int,
+    *,
+    self_index: np.ndarray | None = None,
+    block: int = 256,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top ``depth`` collection indices and distances per query, and seconds per query.
+
+    ``self_index[i]`` (leave-one-out) is the collection index of query ``i``, which is removed
+    from its own ranking. Ties are broken by collection index, so results are reproducible.
+    """
+    m = get_metric(metric)
+    PC = m.prepare(as_matrix(collection))
+    n = len(collection)
+    depth = min(depth, n - (1 if self_index is not None else 0))
+    ranked = np.empty((len(queries), depth), dtype=np.int64)
+    dists = np.empty((len(queries), depth))
+    started = time.perf_counter()
+    for lo in range(0, len(queries), block):
+        D = m.compare(m.prepare(as_matrix(queries[lo : lo + block])), PC)
+        if self_index is not None:
+            D[np.arange(len(D)), self_index[lo : lo + block]] = np.inf
+        if depth < n // 2:
+            part = np.argpartition(D, depth - 1, axis=1)[:, :depth]
+            part_d = np.take_along_axis(D, part, axis=1)
+            order = np.lexsort((part, part_d), axis=-1)
+            top = np.take_along_axis(part, order, axis=1)
+        else:
+            top = np.argsort(D, axis=1, kind="stable")[:, :depth]
+        ranked[lo : lo + block] = top
+        dists[lo : lo + block] = np.take_along_axis(D, top, axis=1)
+    per_query = (time.perf_counter() - started) / max(1, len(queries))
+    return ranked, dists, per_query
+
+
+# -- the whole grid ----------------------------------------------------------------------------
+def run_grid(
+    collection: LabelledSet,
+    queries: LabelledSet | None = None,
+    config: GridConfig | None = None,
+    *,
+    settings: Settings | None = None,
+    cache_dir: Path | None = None,
+    progress: GridProgress | None = None,
+) -> GridResult:
+    """Score every (descriptor, metric) on ``collection`` (leave-one-out when ``queries`` is
+    None, else ``queries`` against ``collection``)."""
+    config = config or GridConfig()
+    settings = settings or Settings.from_env()
+    started = time.perf_counter()
+    specs = [create_descriptor(d).spec for d in config.descriptors]
+    if not specs:
+        raise ValueError("give at least one descriptor")
+    loo = queries is None
+    feats_c, ok_c, skipped, seconds = extract_features(
+        collection, specs, settings=settings, cache_dir=cache_dir, progress=progress
+    )
+    if loo:
+        feats_q, ok_q = feats_c, ok_c
+        query_set = collection
+    else:
+        assert queries is not None
+        feats_q, ok_q, skipped_q, seconds_q = extract_features(
+            queries, specs, settings=settings, cache_dir=cache_dir, progress=progress
+        )
+        skipped += skipped_q
+        seconds = {s: seconds[s] + seconds_q[s] for s in specs}
+        query_set = queries
+    coll_index = np.flatnonzero(ok_c)
+    query_index = np.flatnonzero(ok_q)
+    if config.sample_queries is not None and config.sample_queries < len(query_index):
+        rng = np.random.default_rng(config.seed)
+        query_index = np.sort(rng.choice(query_index, config.sample_queries, replace=False))
+    if len(coll_index) < 2 or len(query_index) == 0:
+        raise ValueError("too few usable images to evaluate (see the skipped files)")
+
+    coll_labels = [collection.labels[i] for i in coll_index]
+    q_labels = [query_set.labels[i] for i in query_index]
+    relevance = Relevance.from_labels(q_labels, coll_labels)
+    n = len(coll_index)
+    depth = config.depth or (n if n <= FULL_RANKING_LIMIT else 1000)
+    self_pos = None
+    if loo:  # position of each query inside coll_index
+        self_pos = np.searchsorted(coll_index, query_index)
+    q_local = np.arange(len(query_index))
+    n_relevant = relevance.counts(q_local, exclude_self=loo)
+    classes = np.array([sorted(lbl)[0] if lbl else "" for lbl in q_labels])
+
+    plan = [(s, m) for s in specs for m in applicable_metrics(s, config.metrics)]
+    if not plan:
+        raise ValueError("no metric applies to the given descriptors")
+    combos = []
+    for done, (spec, metric) in enumerate(plan):
+        if progress is not None:
+            progress(f"{spec.split(':')[0]} / {metric}", done, len(plan))
+        ranked, dists, per_query = rank(
+            metric,
+            feats_q[spec][query_index],
+            feats_c[spec][coll_index],
+            depth,
+            self_index=self_pos,
+        )
+        rel = relevance.matrix(q_local, ranked)
+        ap = average_precision(rel, n_relevant)
+        ks = np.array([k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= rel.shape[1]])
+        combos.append(
+            Combination(
+                descriptor=spec.split(":")[0] if _is_default(spec) else spec,
+                metric=metric,
+                summary=summarise(rel, n_relevant, ks=tuple(config.ks), map_k=config.map_k),
+                curve11=mean_over_queries(interpolated_precision_11(rel, n_relevant))[0],
+                # queries with nothing relevant are left out, as in summarise
+                precision_at=(ks, mean_over_queries(precision_curve(rel, ks)[n_relevant > 0])[0]),
+                per_class_ap=per_class_mean(ap, classes),
+                query_ms=per_query * 1000,
+                ranked=coll_index[ranked],
+                distances=dists,
+            )
+        )
+    if progress is not None:
+        progress("done", len(plan), len(plan))
+    return GridResult(
+        combinations=combos,
+        query_index=query_index,
+        leave_one_out=loo,
+        depth=depth,
+        extract_seconds=seconds,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _is_default(spec: str) -> bool:
+    """True when a spec has every parameter at its default (then its name says it all)."""
+    d = create_descriptor(spec)
+    return d.spec == create_descriptor(d.name).spec

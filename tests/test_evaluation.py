@@ -1,0 +1,181 @@
+"""The evaluation grid end to end, on synthetic labelled sets whose answers are known."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cbir.cli import app
+from cbir.config import Settings
+from cbir.evaluation import GridConfig, evaluate_dataset, load_labelled, run_grid
+from cbir.evaluation.grid import applicable_metrics, rank
+from cbir.metrics import get_metric
+from tests.conftest import COLOURS, colour_image
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(collection=tmp_path / "unused", workers=1)
+
+
+def test_colour_classes_are_retrieved_perfectly_and_recommended(colour_set, tmp_path, settings):
+    root, _ = colour_set
+    config = GridConfig(
+        descriptors=["color-hist", "fotf"], metrics=["hellinger", "euclidean"], ks=(4,), map_k=4
+    )
+    report = evaluate_dataset(
+        root, None, config, tmp_path / "out", settings=settings, mosaics=2, k=4
+    )
+    rows = {(r["descriptor"], r["metric"]): r for r in report["rows"]}
+    # fotf (grey statistics) cannot use hellinger; colour histograms can use both
+    assert set(rows) == {
+        ("color-hist", "hellinger"),
+        ("color-hist", "euclidean"),
+        ("fotf", "euclidean"),
+    }
+    best = rows[("color-hist", "hellinger")]
+    assert best["MAP"] == pytest.approx(1.0) and best["P@4"] == pytest.approx(1.0)
+    assert best["queries"] == 20
+    assert "color-hist" in report["recommendation"]["text"]
+    out = tmp_path / "out"
+    for name in (
+        "results.md",
+        "results.csv",
+        "map_grid.md",
+        "per_class_ap.md",
+        "pr_curves.png",
+        "precision_at_k.png",
+        "summary.md",
+        "trec/qrels.txt",
+    ):
+        assert (out / name).exists(), name
+    assert len(list((out / "mosaics").glob("*.png"))) == 2
+    with open(out / "results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_trec_files_agree_with_our_scores(colour_set, tmp_path, settings):
+    ir_measures = pytest.importorskip("ir_measures")
+    root, _ = colour_set
+    # noisy set: several colours per class make rankings imperfect, so the check bites
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        colour_image(COLOURS["red"], rng).save(root / "blue" / f"odd{i}.png")
+    config = GridConfig(descriptors=["color-hist"], metrics=["euclidean"], map_k=100)
+    report = evaluate_dataset(root, None, config, tmp_path / "out", settings=settings, mosaics=0)
+    ours = report["rows"][0]
+    qrels = list(ir_measures.read_trec_qrels(str(tmp_path / "out" / "trec" / "qrels.txt")))
+    run_file = next((tmp_path / "out" / "trec").glob("*.run"))
+    run = list(ir_measures.read_trec_run(str(run_file)))
+    theirs = ir_measures.calc_aggregate([ir_measures.AP @ 100, ir_measures.P @ 10], qrels, run)
+    assert ours["mAP@100(trec)"] == pytest.approx(theirs[ir_measures.AP @ 100], abs=1e-9)
+    assert ours["P@10"] == pytest.approx(theirs[ir_measures.P @ 10], abs=1e-9)
+    assert ours["MAP"] < 1.0
+
+
+def test_separate_query_set_against_a_collection(tmp_path, settings):
+    from tests.conftest import write_colour_set
+
+    write_colour_set(tmp_path / "train", per_class=4, seed=1)
+    write_colour_set(tmp_path / "test", per_class=2, seed=2)
+    result = run_grid(
+        load_labelled(tmp_path / "train"),
+        load_labelled(tmp_path / "test"),
+        GridConfig(descriptors=["color-hist"], metrics=["hellinger"]),
+        settings=settings,
+    )
+    combo = result.combinations[0]
+    assert not result.leave_one_out and len(result.query_index) == 8
+    assert combo.ranked.shape == (8, 16)  # no query is removed from its own ranking
+    assert combo.summary["MAP"] == pytest.approx(1.0)
+
+
+def test_cifar_batches_are_read_directly(tmp_path, settings):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [b"red", b"blue"]
+    colours = [(200, 30, 30), (30, 50, 200)]
+    labels = [i % 2 for i in range(12)]
+    imgs = np.stack([np.asarray(colour_image(colours[c], rng, size=32)) for c in labels])
+    data = imgs.transpose(0, 3, 1, 2).reshape(12, -1)  # CIFAR stores colour planes
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": data, b"labels": labels}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": names}, fh)
+    result = run_grid(
+        load_labelled(folder),
+        None,
+        GridConfig(descriptors=["color-hist"], metrics=["hellinger"]),
+        settings=settings,
+    )
+    assert result.combinations[0].summary["MAP"] == pytest.approx(1.0)
+
+
+def test_rank_removes_the_query_and_breaks_ties_by_index():
+    X = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    ranked, dists, _ = rank("euclidean", X, X, 3, self_index=np.arange(4))
+    assert ranked[0].tolist() == [1, 3, 2] and ranked[2].tolist() == [0, 1, 3]
+    assert np.allclose(dists[0], [0, 0, np.sqrt(2)])
+    full = get_metric("euclidean").pairwise(X)
+    assert np.allclose(np.take_along_axis(full, ranked, axis=1), dists)
+
+
+def test_applicable_metrics_skip_histogram_metrics_for_signed_descriptors():
+    assert "kl" in applicable_metrics("lbp", None)
+    assert "kl" not in applicable_metrics("glcm", None)
+    assert applicable_metrics("glcm", ["canberra", "chi2"]) == ["canberra"]
+    with pytest.raises(ValueError, match="unknown metric"):
+        applicable_metrics("lbp", ["nope"])
+
+
+def test_cli_evaluate_writes_the_report(colour_set, tmp_path):
+    root, _ = colour_set
+    (root / "red" / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(root),
+            "-d",
+            "color-hist",
+            "-d",
+            "lbp",
+            "-m",
+            "hellinger,chi2",
+            "-o",
+            str(out),
+            "--mosaics",
+            "1",
+            "--json",
+        ],
+        env={"CBIR_WORKERS": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert len(data["rows"]) == 4 and data["recommendation"]["text"]
+    assert "Skipped images: 1" in (out / "summary.md").read_text()
+    bad = CliRunner().invoke(app, ["evaluate", str(root), "-m", "nope", "-o", str(out)])
+    assert bad.exit_code == 2 and "unknown metric" in bad.output
+
+
+def test_mosaic_shows_the_dataset_images(colour_set, tmp_path, settings):
+    root, _ = colour_set
+    evaluate_dataset(
+        root,
+        None,
+        GridConfig(descriptors=["color-hist"], metrics=["hellinger"]),
+        tmp_path / "out",
+        settings=settings,
+        mosaics=1,
+        k=3,
+    )
+    mosaic = next((tmp_path / "out" / "mosaics").glob("*.png"))
+    assert Image.open(mosaic).size[0] > 3 * 64
