@@ -28,8 +28,8 @@ The machine is shared and noisy: expect differences of 10-20% between runs.
 
 Goal: colour histograms at least half the decode-only rate, every hand-crafted descriptor at
 least a quarter. A descriptor's rate includes its own decode (JPEG draft mode at the size it
-asks for), resize and description; the percentage compares it with the faster of the two
-decode-only rates above it (full size, or draft for a 256 px target without the final resize).
+asks for), resize and description; the percentage compares it with the faster of two
+decode-only rates: full size, and draft for the descriptor's own size without the resize.
 
 {extract}
 

@@ -540,13 +540,14 @@ def test_prepare_arrays_shares_equal_specs(
     ]
     expected = [to_array(photo, s) for s in specs]
     resizes = []
-    original = images.cv2.resize
+    original = images._resized
 
-    def counting(*args: object, **kwargs: object) -> np.ndarray:
-        resizes.append(args[1])
-        return original(*args, **kwargs)
+    def counting(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        if (array.shape[1], array.shape[0]) != size:
+            resizes.append(size)
+        return original(array, size)
 
-    monkeypatch.setattr(images.cv2, "resize", counting)
+    monkeypatch.setattr(images, "_resized", counting)
     out = prepare_arrays(photo, specs)
     assert len(out) == len(specs)
     for got, want in zip(out, expected, strict=True):

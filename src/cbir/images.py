@@ -380,17 +380,25 @@ def _base_array(image: Image.Image) -> np.ndarray:
 
 
 def _resized(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize with OpenCV: area averaging to shrink, bilinear when an exact size enlarges.
+    """Resize with OpenCV: an integer box reduction, then bilinear for what is left.
 
-    Area averaging is antialiased and, for the usual 2x-4x factors, several times faster than
-    Pillow's resize; this runs once per image and distinct spec.
+    OpenCV's area averaging is fast only for whole-number factors (about 0.15 ms for 640x480
+    to 320x240, but over 2 ms for 640x480 to 256x192, more than the JPEG decode itself). So a
+    shrink by a factor f first averages k x k blocks (k = floor(f), after cropping fewer than k
+    edge pixels) and then resamples the remaining factor, below 2, bilinearly, which aliases
+    little at such factors; the same two-step plan as Pillow's ``reducing_gap``.
     """
     height, width = array.shape[:2]
     if (width, height) == size:
         return array
-    shrinking = size[0] <= width and size[1] <= height
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(array, size, interpolation=interpolation)
+    k = min(width // size[0], height // size[1])
+    if k >= 2:
+        array = array[: height - height % k, : width - width % k]
+        reduced = (array.shape[1] // k, array.shape[0] // k)
+        array = cv2.resize(array, reduced, interpolation=cv2.INTER_AREA)
+        if reduced == size:
+            return array
+    return cv2.resize(array, size, interpolation=cv2.INTER_LINEAR)
 
 
 def _in_mode(array: np.ndarray, mode: str) -> np.ndarray:

@@ -107,7 +107,7 @@ class ColorHistogram(Descriptor):
     nonnegative = True
 
     def __init__(
-        self, space: str = "hsv", bins: tuple[int, ...] = (8, 12, 3), max_side: int = 256
+        self, space: str = "hsv", bins: tuple[int, ...] = (8, 12, 3), max_side: int = 128
     ) -> None:
         self.space = _check_space(space)
         self.bins = _check_bins(bins, self.space)
@@ -120,7 +120,9 @@ class ColorHistogram(Descriptor):
 
     @property
     def input_spec(self) -> InputSpec:
-        """RGB, shrunk to ``max_side``: the histogram barely changes with scale."""
+        """RGB, shrunk to ``max_side``: the histogram barely changes with scale (MAP on dtd10
+        and COIL-100 is the same at 128 and 256 px), and a smaller target lets JPEG draft
+        mode decode less."""
         return InputSpec(mode="RGB", max_side=self.max_side)
 
     def transform_one(self, image: np.ndarray) -> np.ndarray:
@@ -174,7 +176,7 @@ class RegionalColorHistogram(Descriptor):
     nonnegative = True
 
     def __init__(
-        self, space: str = "hsv", bins: tuple[int, ...] = (9, 3, 3), max_side: int = 256
+        self, space: str = "hsv", bins: tuple[int, ...] = (9, 3, 3), max_side: int = 128
     ) -> None:
         self.space = _check_space(space)
         self.bins = _check_bins(bins, self.space)
