@@ -29,12 +29,13 @@ def main(queries: int = 100) -> str:
     settings = Settings(collection=col_dir, workers=2)
     with Collection(col_dir, settings=settings) as col:
         t0 = time.perf_counter()
-        report = col.add(dataset("cifar10/train"), descriptors=[DESCRIPTOR], labels="folder")
+        spec = create_descriptor(DESCRIPTOR).spec
+        report = col.add(dataset("cifar10/train"), descriptors=[spec], labels="folder")
         print(
             f"indexed {len(col)} images ({report.extracted} extracted, "
             f"{time.perf_counter() - t0:.0f} s)"
         )
-        record = col.descriptor(DESCRIPTOR)
+        record = col.descriptor(spec)
         d = create_descriptor(record.spec)
         qfiles = image_files(dataset("cifar10/test"), queries)
         t0 = time.perf_counter()

@@ -202,48 +202,40 @@ def test_a_failed_commit_leaves_the_catalogue_and_no_new_files(colour_set, setti
         _assert_consistent(col)
 
 
+def _start_index(root: Path, col_dir: Path, workers: int, flush_every: int) -> subprocess.Popen:
+    """`cbir index` in its own process (and process group), as a user would run it."""
+    env = {**os.environ, "CBIR_FLUSH_EVERY": str(flush_every), "CBIR_WORKERS": str(workers)}
+    cmd = [sys.executable, "-m", "cbir.cli", "index", str(root), "-c", str(col_dir),
+           "-d", "color-hist", "-d", "lbp", "-d", "hog"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def _wait_for_catalogued(proc: subprocess.Popen, col_dir: Path, count: int) -> int:
+    """Poll the catalogue (as another reader would) until ``count`` images are in it."""
+    done, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and done < count:
+        time.sleep(0.01)
+        with contextlib.suppress(sqlite3.Error):
+            con = sqlite3.connect(col_dir / "catalogue.sqlite", timeout=1)
+            done = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            con.close()
+    return done
+
+
 def test_a_killed_index_run_loses_nothing_and_resumes(tmp_path):
     from tests.conftest import write_colour_set
 
-    root = tmp_path / "many"
-    write_colour_set(root, per_class=40, size=320)
-    col_dir = tmp_path / "col"
-    env = {**os.environ, "CBIR_FLUSH_EVERY": "4", "CBIR_WORKERS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cbir.cli",
-        "index",
-        str(root),
-        "-c",
-        str(col_dir),
-        "-d",
-        "color-hist",
-        "-d",
-        "lbp",
-        "-d",
-        "hog",
-        "--json",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (col_dir / "catalogue.sqlite").exists():
-            with contextlib.suppress(sqlite3.Error):
-                con = sqlite3.connect(col_dir / "catalogue.sqlite", timeout=1)
-                done = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-                con.close()
-        if done >= 12:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
+    write_colour_set(tmp_path / "many", per_class=40, size=320)
+    proc = _start_index(tmp_path / "many", tmp_path / "col", workers=1, flush_every=4)
+    _wait_for_catalogued(proc, tmp_path / "col", 12)
+    proc.kill()
+    proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    with Collection(col_dir, settings=Settings(collection=col_dir, workers=1)) as col:
+    with Collection(tmp_path / "col", settings=Settings(workers=1)) as col:
         assert 12 <= len(col) < 160
         _assert_consistent(col)
-        report = col.add(root)
+        report = col.add(tmp_path / "many")
         assert report.added + report.unchanged == 160 and len(col) == 160
         _assert_consistent(col)
 
@@ -251,49 +243,18 @@ def test_a_killed_index_run_loses_nothing_and_resumes(tmp_path):
 def test_ctrl_c_stops_two_workers_cleanly_and_keeps_the_work(tmp_path):
     from tests.conftest import write_colour_set
 
-    root = tmp_path / "many"
-    write_colour_set(root, per_class=60, size=320)
-    col_dir = tmp_path / "col"
-    env = {**os.environ, "CBIR_FLUSH_EVERY": "8", "CBIR_WORKERS": "2"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cbir.cli",
-        "index",
-        str(root),
-        "-c",
-        str(col_dir),
-        "-d",
-        "color-hist",
-        "-d",
-        "lbp",
-        "-d",
-        "hog",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    done, deadline = 0, time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None and done < 24:
-        time.sleep(0.02)
-        with contextlib.suppress(sqlite3.Error):
-            con = sqlite3.connect(col_dir / "catalogue.sqlite", timeout=1)
-            done = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-            con.close()
+    write_colour_set(tmp_path / "many", per_class=60, size=320)
+    proc = _start_index(tmp_path / "many", tmp_path / "col", workers=2, flush_every=8)
+    _wait_for_catalogued(proc, tmp_path / "col", 24)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
-    _stdout, stderr = proc.communicate(timeout=60)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "run the same command again" in " ".join(stderr.split())
-    with Collection(col_dir, settings=Settings(collection=col_dir, workers=1)) as col:
+    with Collection(tmp_path / "col", settings=Settings(workers=1)) as col:
         kept = len(col)
         assert 24 <= kept < 240
         _assert_consistent(col)
-        report = col.add(root)
+        report = col.add(tmp_path / "many")
         assert report.unchanged == kept and len(col) == 240
         _assert_consistent(col)
 

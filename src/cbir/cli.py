@@ -403,8 +403,18 @@ def evaluate(
             }
         )
         return
-    out.print((output / "results.md").read_text(), highlight=False)
-    out.print(report["summary"], highlight=False)
+    rows = sorted(report["rows"], key=lambda r: -r["MAP"])
+    columns = ["descriptor", "metric", "MAP", f"mAP@{map_k}(trec)", f"P@{k}", "query ms"]
+    table = Table(
+        *columns,
+        title=f"best {min(15, len(rows))} of {len(rows)} combinations (all in results.md)",
+        title_justify="left",
+    )
+    for r in rows[:15]:
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns])
+    out.print(table)
+    out.print(report["recommendation"]["text"], highlight=False)
+    out.print(f"report: {output / 'summary.md'}", highlight=False)
 
 
 # -- registries ------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ class Collection:
             matches = [d for d in held if d.spec == wanted]
         else:
             matches = [d for d in held if d.name == cls.name]
+        if len(matches) > 1 and not params:  # the name alone means its default parameters
+            matches = [d for d in matches if d.spec == create_descriptor(cls.name).spec]
         if len(matches) == 1:
             return matches[0]
         have = ", ".join(d.spec for d in held)

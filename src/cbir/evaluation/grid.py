@@ -89,7 +89,8 @@ class GridResult:
     query_index: np.ndarray  # indices into the query set of the evaluated queries
     leave_one_out: bool
     depth: int
-    extract_seconds: dict[str, float]
+    #: seconds spent extracting (0 when every descriptor came from the cache)
+    extract_seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -112,17 +113,17 @@ def extract_features(
     settings: Settings,
     cache_dir: Path | None = None,
     progress: GridProgress | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]], dict[str, float]]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]], float]:
     """Vectors of every item for every descriptor, decoding each item once.
 
-    Returns ``(features by spec, ok mask, skipped (id, reason), seconds per spec)``. Items that
+    Returns ``(features by spec, ok mask, skipped (id, reason), seconds)``. Items that
     cannot be decoded are masked out everywhere. Features are cached in ``cache_dir`` keyed by
     the descriptor spec and the item ids, so re-running a grid with other metrics is cheap.
     """
     specs = [create_descriptor(s).spec for s in specs]
     fingerprint = hashlib.sha1("\n".join(data.ids).encode()).hexdigest()[:16]
     features: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
+    seconds = 0.0
     ok = np.ones(len(data), dtype=bool)
     todo = []
     for spec in specs:
@@ -131,7 +132,6 @@ def extract_features(
             with np.load(cached) as z:
                 features[spec], mask = z["features"], z["ok"]
             ok &= mask
-            seconds[spec] = 0.0
         else:
             todo.append(spec)
     skipped: list[tuple[str, str]] = []
@@ -168,10 +168,9 @@ def extract_features(
             max_pixels=settings.max_pixels,
             on_result=on_result,
         )
-        elapsed = time.perf_counter() - started
+        seconds = time.perf_counter() - started  # one decode per image served them all
         for spec in todo:
             features[spec] = out[spec]
-            seconds[spec] = elapsed / len(todo)  # one decode serves them all
             cached = _cache_path(cache_dir, spec, fingerprint)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +256,7 @@ def run_grid(
             queries, specs, settings=settings, cache_dir=cache_dir, progress=progress
         )
         skipped += skipped_q
-        seconds = {s: seconds[s] + seconds_q[s] for s in specs}
+        seconds += seconds_q
         query_set = queries
     coll_index = np.flatnonzero(ok_c)
     query_index = np.flatnonzero(ok_q)

@@ -182,14 +182,19 @@ def _summary_text(
         else f"{queries.name} ({len(queries):,} queries) against {collection.name} "
         f"({len(collection):,} images)"
     )
-    extract = ", ".join(f"{s.split(':')[0]} {t:.1f} s" for s, t in result.extract_seconds.items())
+    n_desc = len({c.descriptor for c in result.combinations})
+    extract = (
+        f"{result.extract_seconds:.1f} s for {n_desc} descriptors, each image decoded once"
+        if result.extract_seconds
+        else "features from the cache"
+    )
     lines = [
         "# Evaluation summary",
         "",
         f"- Protocol: {protocol}; {len(result.query_index):,} queries evaluated, rankings "
         f"{result.depth:,} deep (MAP is over that ranking).",
         f"- Grid: {len(result.combinations)} descriptor x metric combinations in "
-        f"{result.seconds:.1f} s (extraction: {extract or 'cached'}).",
+        f"{result.seconds:.1f} s (extraction: {extract}).",
         f"- Skipped images: {len(result.skipped)}.",
         f"- Recommendation: {advice['text']}",
         "",
