@@ -167,6 +167,24 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are spawned.
+
+    An ignored signal stays ignored across fork and exec, and Python keeps it so at start-up, so
+    a Ctrl-C that reaches the whole process group cannot kill a worker before its initializer
+    runs (which would break the pool). The parent's own Ctrl-C handling resumes afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_tasks(
     tasks: Sequence[Task],
     *,
@@ -206,7 +224,8 @@ def _run_pool(
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
     todo = iter(chunks)
     try:
-        pending = {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, workers * 3)}
+        with _sigint_ignored():  # the workers start now and inherit it: no Ctrl-C mid-import
+            pending = {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, workers * 3)}
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for future in done:

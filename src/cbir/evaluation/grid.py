@@ -52,6 +52,9 @@ class GridConfig:
     #: evaluate only this many (seeded random) queries; None = all
     sample_queries: int | None = None
     seed: int = 0
+    #: ranked results kept per query for mosaics and TREC runs (the measures see the full
+    #: ranking; keeping all of it for every combination would cost gigabytes)
+    keep: int = 100
 
 
 @dataclass
@@ -65,8 +68,8 @@ class Combination:
     precision_at: tuple[np.ndarray, np.ndarray]
     per_class_ap: dict[str, float]
     query_ms: float
-    ranked: np.ndarray  # (q, depth) collection indices
-    distances: np.ndarray  # (q, depth)
+    ranked: np.ndarray  # (q, keep) collection indices, best first
+    distances: np.ndarray  # (q, keep)
 
     @property
     def label(self) -> str:
@@ -305,8 +308,8 @@ def run_grid(
                 precision_at=(ks, mean_over_queries(precision_curve(rel, ks)[n_relevant > 0])[0]),
                 per_class_ap=per_class_mean(ap, classes),
                 query_ms=per_query * 1000,
-                ranked=coll_index[ranked],
-                distances=dists,
+                ranked=coll_index[ranked[:, : config.keep]],
+                distances=dists[:, : config.keep].copy(),
             )
         )
     if progress is not None:

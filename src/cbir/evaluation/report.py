@@ -116,9 +116,8 @@ def write_report(
             ]
             for row, q in enumerate(result.query_index)
         }
-        files.append(
-            write_trec_run(run, out / "trec" / f"{_safe(c.label)}.run", tag=_safe(c.label))
-        )
+        name = _safe(f"{c.descriptor}__{c.metric}")
+        files.append(write_trec_run(run, out / "trec" / f"{name}.run", tag=name))
     summary = _summary_text(result, collection, queries, advice, notes, trec_depth)
     (out / "summary.md").write_text(summary)
     files.append(out / "summary.md")
