@@ -16,7 +16,7 @@ from common import WORK, dataset, md_table
 
 from cbir.collection import Collection
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
-from cbir.features import get_descriptor_class
+from cbir.features import create_descriptor, get_descriptor_class
 from cbir.metrics import get_metric, metric_names
 
 
@@ -40,7 +40,8 @@ def main(name: str = "dtd10") -> str:
     with Collection(col_dir, settings=Settings(collection=col_dir, workers=2)) as col:
         col.add(dataset(name), descriptors=list(DEFAULT_DESCRIPTORS), labels="folder")
         rows, grid = [], {}
-        for record in col.descriptors:
+        current = {create_descriptor(d).spec for d in DEFAULT_DESCRIPTORS}
+        for record in (d for d in col.descriptors if d.spec in current):
             ids, X = col.vectors(record.spec)
             labels = np.array(col.store.labels(ids))
             best = None

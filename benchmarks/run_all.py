@@ -27,7 +27,8 @@ def main(parts: list[str]) -> None:
         stamp = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}."
         (WORK / f"section-{part}.md").write_text(f"{stamp}\n\n{text}\n")
     section = {
-        p: (WORK / f"section-{p}.md").read_text() if (WORK / f"section-{p}.md").exists()
+        p: (WORK / f"section-{p}.md").read_text()
+        if (WORK / f"section-{p}.md").exists()
         else "(not measured yet)\n"
         for p in PARTS
     }

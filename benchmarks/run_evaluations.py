@@ -7,6 +7,7 @@ Usage: python benchmarks/run_evaluations.py [dtd10 coil100 mnist cifar demo]
 
 from __future__ import annotations
 
+import csv
 import shutil
 import sys
 import time
@@ -14,27 +15,61 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, WORK, dataset, machine
+from common import REPO, WORK, dataset, machine, md_table
 
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
 from cbir.evaluation import GridConfig, evaluate_dataset
+from cbir.metrics import metric_names
 
 DOCS = REPO / "docs"
 FIGURES = DOCS / "results"
 #: The seeds' comparison: the metrics users usually try first.
-COMMON_METRICS = ["euclidean", "cosine", "manhattan", "chi2", "kl", "bhattacharyya",
-                  "intersection", "hellinger", "canberra", "correlation"]
+COMMON_METRICS = [
+    "euclidean",
+    "cosine",
+    "manhattan",
+    "chi2",
+    "kl",
+    "bhattacharyya",
+    "intersection",
+    "hellinger",
+    "canberra",
+    "correlation",
+]
+
+#: Every metric for real-valued vectors (hamming compares hash bits only).
+HANDCRAFTED_METRICS = [m for m in metric_names() if m != "hamming"]
 
 RUNS = {
-    "dtd10": dict(data="dtd10", queries=None, metrics=None, sample=None,
-                  note="every hand-crafted descriptor x every metric, leave-one-out, all queries"),
-    "coil100": dict(data="coil100", queries=None, metrics=None, sample=1000,
-                    note="leave-one-out, 1,000 random queries against all 7,098 images"),
-    "mnist": dict(data="mnist_test", queries=None, metrics=COMMON_METRICS, sample=1000,
-                  note="leave-one-out, 1,000 random queries against all 10,000 images"),
-    "cifar": dict(data="cifar10/train", queries="cifar10/test", metrics=COMMON_METRICS,
-                  sample=1000, note="1,000 random test images queried against the 50,000 "
-                  "training images (rankings 1,000 deep)"),
+    "dtd10": dict(
+        data="dtd10",
+        queries=None,
+        metrics=HANDCRAFTED_METRICS,
+        sample=None,
+        note="every hand-crafted descriptor x every metric, leave-one-out, all queries",
+    ),
+    "coil100": dict(
+        data="coil100",
+        queries=None,
+        metrics=HANDCRAFTED_METRICS,
+        sample=1000,
+        note="leave-one-out, 1,000 random queries against all 7,098 images",
+    ),
+    "mnist": dict(
+        data="mnist_test",
+        queries=None,
+        metrics=COMMON_METRICS,
+        sample=1000,
+        note="leave-one-out, 1,000 random queries against all 10,000 images",
+    ),
+    "cifar": dict(
+        data="cifar10/train",
+        queries="cifar10/test",
+        metrics=COMMON_METRICS,
+        sample=1000,
+        note="1,000 random test images queried against the 50,000 "
+        "training images (rankings 1,000 deep)",
+    ),
 }
 
 
@@ -42,17 +77,29 @@ def run(name: str) -> dict:
     spec = RUNS[name]
     out = WORK / f"eval-{name}"
     queries = dataset(spec["queries"]) if spec["queries"] else None
-    config = GridConfig(descriptors=DEFAULT_DESCRIPTORS, metrics=spec["metrics"],
-                        sample_queries=spec["sample"], map_k=100, ks=(10,))
+    config = GridConfig(
+        descriptors=DEFAULT_DESCRIPTORS,
+        metrics=spec["metrics"],
+        sample_queries=spec["sample"],
+        map_k=100,
+        ks=(10,),
+    )
     started = time.perf_counter()
-    report = evaluate_dataset(dataset(spec["data"]), queries, config, out,
-                              settings=Settings(workers=2), mosaics=3)
+    report = evaluate_dataset(
+        dataset(spec["data"]), queries, config, out, settings=Settings(workers=2), mosaics=3
+    )
     seconds = time.perf_counter() - started
     FIGURES.mkdir(parents=True, exist_ok=True)
     for plot in ("pr_curves.png", "precision_at_k.png"):
         shutil.copy(out / plot, FIGURES / f"{name}-{plot}")
-    print(f"{name}: {seconds:.0f} s")
-    return {"name": name, "seconds": seconds, "out": out, "report": report, **spec}
+    print(f"{name}: {seconds:.0f} s", flush=True)
+    return {
+        "name": name,
+        "seconds": seconds,
+        "out": out,
+        "advice": report["recommendation"],
+        **spec,
+    }
 
 
 def demo_mosaic() -> None:
@@ -62,43 +109,74 @@ def demo_mosaic() -> None:
 
     collection, _ = make_demo_images(WORK / "demo-images")
     out = WORK / "eval-demo"
-    evaluate_dataset(collection, None, GridConfig(descriptors=["color-regional"],
-                     metrics=["hellinger"]), out, settings=Settings(workers=2), mosaics=1, k=8)
+    evaluate_dataset(
+        collection,
+        None,
+        GridConfig(descriptors=["color-regional"], metrics=["hellinger"]),
+        out,
+        settings=Settings(workers=2),
+        mosaics=1,
+        k=8,
+    )
     FIGURES.mkdir(parents=True, exist_ok=True)
     shutil.copy(next((out / "mosaics").glob("*.png")), FIGURES / "demo-mosaic.png")
 
 
-def section(result: dict) -> str:
-    out: Path = result["out"]
-    name = result["name"]
-    table = (out / "results.md").read_text()
+TOP_COLUMNS = [
+    "descriptor",
+    "metric",
+    "MAP",
+    "mAP@100(trec)",
+    "mAP@100(retrieved)",
+    "P@10",
+    "nDCG@10",
+    "query ms",
+]
+
+
+def section(name: str) -> str:
+    """The docs section of one finished evaluation: summary, best 15 rows, the MAP grid."""
+    out = WORK / f"eval-{name}"
+    with open(out / "results.csv") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: -float(r["MAP"]))
+    top = md_table(TOP_COLUMNS, [[_fmt(r.get(c, "")) for c in TOP_COLUMNS] for r in rows[:15]])
     grid = (out / "map_grid.md").read_text()
-    summary = (out / "summary.md").read_text().split("\n", 2)[2]
-    return f"""## {name}: {result['note']}
+    summary = (out / "summary.md").read_text().split("\n", 2)[2].split("\nFiles:")[0]
+    seconds = (WORK / f"eval-{name}.seconds").read_text().strip()
+    return f"""## {name}: {RUNS[name]["note"]}
 
-Wall time of the whole `cbir evaluate` run: {result['seconds']:.0f} s.
-
+Whole `cbir evaluate` run: {seconds} s.
 {summary}
-{table}
+The best 15 of {len(rows)} combinations:
 
-MAP of every descriptor x metric:
+{top}
 
 {grid}
-
 ![PR curves]({FIGURES.name}/{name}-pr_curves.png)
 ![P@k]({FIGURES.name}/{name}-precision_at_k.png)
 """
 
 
+def _fmt(value: str) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except ValueError:
+        return value
+
+
 def main(names: list[str]) -> None:
-    results = [run(n) for n in names if n in RUNS]
-    if "demo" in names:
-        demo_mosaic()
-    body = "\n".join(section(r) for r in results)
+    for name in names:
+        if name in RUNS:
+            result = run(name)
+            (WORK / f"eval-{name}.seconds").write_text(f"{result['seconds']:.0f}")
+        elif name == "demo":
+            demo_mosaic()
+    done = [n for n in RUNS if (WORK / f"eval-{n}.seconds").exists()]
+    body = "\n".join(section(n) for n in done)
     (WORK / "results-sections.md").write_text(body)
     print(f"machine: {machine()}")
     print(body)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [*RUNS, "demo"])
+    main(sys.argv[1:] or [*RUNS, "demo"])  # "sections" alone only rewrites the sections

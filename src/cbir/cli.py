@@ -308,6 +308,73 @@ def export(
         out.print(f"wrote {f}", highlight=False)
 
 
+# -- duplicates ------------------------------------------------------------------------------
+@app.command()
+def duplicates(
+    descriptor: Annotated[
+        str,
+        typer.Option(
+            "--descriptor", "-d", help="Hash descriptor to compare: phash, dhash, whash or ahash."
+        ),
+    ] = "phash",
+    threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="Most differing bits for a near duplicate [default: 6 for 64-bit hashes, "
+            "scaled with the hash length].",
+            show_default=False,
+        ),
+    ] = None,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find exact duplicates (identical files) and near duplicates (re-encoded, resized or
+    lightly edited copies, whose perceptual hashes differ in at most a few bits)."""
+    from cbir.duplicates import collection_duplicates, default_threshold, hash_record
+
+    with _user_errors():
+        col = _open(collection)
+        record = hash_record(col, descriptor)
+        bits = default_threshold(record.dim) if threshold is None else threshold
+        groups = collection_duplicates(col, descriptor, bits)
+        total = len(col)
+        col.close()
+    exact = [g for g in groups if g.kind == "exact"]
+    near = [g for g in groups if g.kind == "near"]
+    if as_json:
+        _print_json(
+            {
+                "descriptor": record.spec,
+                "threshold": bits,
+                "images": total,
+                "exact_groups": len(exact),
+                "near_groups": len(near),
+                "groups": [g.to_dict() for g in groups],
+            }
+        )
+        return
+    if not groups:
+        out.print(
+            f"no duplicates among {total} images ({record.spec}, within {bits} bits)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    out.print(
+        f"{len(exact)} group{'s' * (len(exact) != 1)} of identical files and {len(near)} "
+        f"group{'s' * (len(near) != 1)} of near duplicates among {total} images "
+        f"({record.spec}, within {bits} bits)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for title, kind_groups in (("identical files", exact), ("near duplicates", near)):
+        for n, g in enumerate(kind_groups, 1):
+            detail = "" if g.kind == "exact" else f", up to {g.max_distance} bits apart"
+            out.print(f"[bold]{title} {n}[/]: {len(g.paths)} images{detail}", highlight=False)
+            for path in g.paths:
+                out.print(f"  {_display_path(path)}", markup=False, highlight=False, soft_wrap=True)
+
+
 # -- evaluate --------------------------------------------------------------------------------
 @app.command()
 def evaluate(

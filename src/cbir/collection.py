@@ -22,9 +22,16 @@ import numpy as np
 from cbir import images
 from cbir.config import Settings
 from cbir.extraction import Task, extract_images, run_tasks
-from cbir.features import Descriptor, create_descriptor, get_descriptor_class, parse_spec
+from cbir.features import (
+    Descriptor,
+    create_descriptor,
+    get_descriptor_class,
+    metric_applies,
+    metrics_for,
+    parse_spec,
+)
 from cbir.index import ExactIndex
-from cbir.metrics import get_metric, metric_names
+from cbir.metrics import get_metric
 from cbir.search import COMBINE_MODES, Hit, ranked_ids
 from cbir.store import DescriptorRecord, ImageUpdate, Store, StoreError
 
@@ -336,11 +343,11 @@ class Collection:
 
     def _check_metric(self, record: DescriptorRecord, metric: str | None) -> str:
         m = get_metric(metric or record.metric)
-        if m.nonnegative and not get_descriptor_class(record.name).nonnegative:
-            general = [n for n in metric_names() if not get_metric(n).nonnegative]
+        if not metric_applies(record.name, m):
+            needs = "hash bits (0/1 vectors)" if m.binary else "histograms (non-negative vectors)"
             raise ValueError(
-                f"metric {m.name!r} compares histograms (non-negative vectors), but descriptor "
-                f"{record.name!r} can be negative; use one of: {', '.join(general)}"
+                f"metric {m.name!r} compares {needs}, which descriptor {record.name!r} does not "
+                f"produce; use one of: {', '.join(metrics_for(record.name))}"
             )
         return m.name
 

@@ -29,7 +29,7 @@ from cbir.evaluation.measures import (
     summarise,
 )
 from cbir.extraction import Task, run_tasks
-from cbir.features import create_descriptor, get_descriptor_class
+from cbir.features import create_descriptor, metric_applies
 from cbir.metrics import as_matrix, get_metric, metric_names
 from cbir.store import ImageUpdate
 
@@ -102,10 +102,9 @@ class GridResult:
 
 
 def applicable_metrics(descriptor: str, metrics: Sequence[str] | None) -> list[str]:
-    """The metrics to try with a descriptor: histogram metrics only for non-negative ones."""
-    nonnegative = get_descriptor_class(create_descriptor(descriptor).name).nonnegative
+    """The metrics to try with a descriptor (``None``: every one that applies to it)."""
     names = metric_names() if metrics is None else [get_metric(m).name for m in metrics]
-    return [m for m in names if nonnegative or not get_metric(m).nonnegative]
+    return [m for m in names if metric_applies(descriptor, m)]
 
 
 # -- stage 1: extraction -----------------------------------------------------------------------

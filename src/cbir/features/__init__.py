@@ -7,6 +7,8 @@ from cbir.features.registry import (
     descriptor_names,
     format_spec,
     get_descriptor_class,
+    metric_applies,
+    metrics_for,
     parse_spec,
     register_descriptor,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "descriptor_names",
     "format_spec",
     "get_descriptor_class",
+    "metric_applies",
+    "metrics_for",
     "parse_spec",
     "register_descriptor",
 ]

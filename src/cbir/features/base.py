@@ -28,6 +28,8 @@ class Descriptor:
     default_metric: ClassVar[str] = "euclidean"
     #: True when every output value is >= 0 (histograms): distribution metrics then apply.
     nonnegative: ClassVar[bool] = True
+    #: True when every output value is 0 or 1 (hash bits): bit metrics (hamming) then apply.
+    binary: ClassVar[bool] = False
     #: True when the descriptor must learn from the collection (``fit``) before ``transform``.
     requires_fit: ClassVar[bool] = False
     dtype: ClassVar[np.dtype] = np.dtype(np.float32)

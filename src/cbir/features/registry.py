@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from cbir.features.base import Descriptor
+from cbir.metrics import Metric, get_metric, metric_names
 
 _REGISTRY: dict[str, type[Descriptor]] = {}
 _ALIASES: dict[str, str] = {}
@@ -149,6 +150,22 @@ def create_descriptor(spec: str | Descriptor, **params: Any) -> Descriptor:
         )
     kwargs = {k: _coerce(cls.name, k, v, defaults[k]) for k, v in merged.items()}
     return cls(**kwargs)
+
+
+def metric_applies(descriptor: str | Descriptor | type[Descriptor], metric: str | Metric) -> bool:
+    """Whether a metric's input domain covers what a descriptor outputs: histogram metrics need
+    non-negative vectors, bit metrics need 0/1 vectors."""
+    if isinstance(descriptor, str):
+        cls = get_descriptor_class(parse_spec(descriptor)[0])
+    else:
+        cls = descriptor if isinstance(descriptor, type) else type(descriptor)
+    m = get_metric(metric)
+    return not (m.binary and not cls.binary) and not (m.nonnegative and not cls.nonnegative)
+
+
+def metrics_for(descriptor: str | Descriptor | type[Descriptor]) -> list[str]:
+    """The registered metrics that apply to a descriptor."""
+    return [m for m in metric_names() if metric_applies(descriptor, m)]
 
 
 def describe_descriptors() -> list[dict[str, Any]]:

@@ -34,6 +34,8 @@ class Metric:
     symmetric: bool = True
     #: Needs non-negative input (histograms); ``prepare`` raises ValueError otherwise.
     nonnegative: bool = False
+    #: Needs 0/1 input (hash bits); ``prepare`` raises ValueError otherwise.
+    binary: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def pairwise(self, X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
@@ -136,6 +138,7 @@ def describe_metrics() -> list[dict[str, Any]]:
             "formula": m.formula,
             "symmetric": m.symmetric,
             "needs_nonnegative": m.nonnegative,
+            "needs_binary": m.binary,
         }
         for m in (get_metric(n) for n in metric_names())
     ]
