@@ -179,3 +179,69 @@ def test_mosaic_shows_the_dataset_images(colour_set, tmp_path, settings):
     )
     mosaic = next((tmp_path / "out" / "mosaics").glob("*.png"))
     assert Image.open(mosaic).size[0] > 3 * 64
+
+
+def test_qrels_judgments_replace_labels(colour_set, tmp_path, settings):
+    ir_measures = pytest.importorskip("ir_measures")
+    root, _ = colour_set
+    # Judge two queries by hand, against their labels: red/00 finds blue images relevant.
+    qrels_file = tmp_path / "judged.qrels"
+    lines = [f"red/00.png 0 blue/{i:02d}.{'jpg' if i % 2 else 'png'} 1" for i in range(5)]
+    lines += ["green/01.jpg 0 green/02.png 1", "green/01.jpg 0 red/01.jpg 0"]
+    qrels_file.write_text("\n".join(lines) + "\n")
+    # euclidean: no tied distances (hellinger ties disjoint histograms at 1, and trec_eval
+    # orders ties by name, not by our rank)
+    config = GridConfig(descriptors=["color-hist"], metrics=["euclidean"])
+    report = evaluate_dataset(
+        root, None, config, tmp_path / "out", settings=settings, mosaics=0, qrels=qrels_file
+    )
+    row = report["rows"][0]
+    assert row["queries"] == 2
+    assert row["MAP"] < 0.8  # blue is far from red: the judgments, not the labels, count
+    qrels = list(ir_measures.read_trec_qrels(str(tmp_path / "out" / "trec" / "qrels.txt")))
+    run = list(ir_measures.read_trec_run(str(next((tmp_path / "out" / "trec").glob("*.run")))))
+    theirs = ir_measures.calc_aggregate([ir_measures.AP @ 100], qrels, run)
+    assert row["mAP@100(trec)"] == pytest.approx(theirs[ir_measures.AP @ 100], abs=1e-9)
+    bad = tmp_path / "bad.qrels"
+    bad.write_text("red/00.png 0 nowhere.png 1\n")
+    with pytest.raises(ValueError, match=r"nowhere\.png|not"):
+        evaluate_dataset(root, None, config, tmp_path / "out2", settings=settings, qrels=bad)
+
+
+def test_sampled_queries_score_as_in_the_full_run(colour_set, tmp_path, settings):
+    root, _ = colour_set
+    rng = np.random.default_rng(3)
+    for i in range(4):  # imperfect classes, so that R matters
+        colour_image(COLOURS["red"], rng).save(root / "blue" / f"odd{i}.png")
+    data = load_labelled(root)
+    full = run_grid(
+        data, None, GridConfig(descriptors=["color-hist"], metrics=["euclidean"]), settings=settings
+    )
+    part = run_grid(
+        data,
+        None,
+        GridConfig(descriptors=["color-hist"], metrics=["euclidean"], sample_queries=7, seed=5),
+        settings=settings,
+    )
+    from cbir.evaluation.measures import average_precision
+
+    def per_query_ap(result):
+        c = result.combinations[0]
+        return dict(
+            zip(
+                result.query_index.tolist(),
+                average_precision(c.relevant, _counts(data, result)),
+                strict=True,
+            )
+        )
+
+    def _counts(data, result):
+        labels = [data.labels[i] for i in result.query_index]
+        return np.array([sum(bool(lbl & other) for other in data.labels) - 1 for lbl in labels])
+
+    whole, sampled = per_query_ap(full), per_query_ap(part)
+    assert len(sampled) == 7 and part.combinations[0].summary["queries"] == 7
+    for q, ap in sampled.items():
+        assert ap == pytest.approx(whole[q])
+    expected = np.mean([whole[q] for q in sampled])
+    assert part.combinations[0].summary["MAP"] == pytest.approx(expected)

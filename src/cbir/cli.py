@@ -58,7 +58,7 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one readable line and exit status 2."""
     try:
         yield
-    except (ValueError, ImageError, StoreError, NotImplementedError) as exc:
+    except (ValueError, ImageError, StoreError, NotImplementedError, FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -421,6 +421,13 @@ def evaluate(
     sample_queries: Annotated[
         int | None, typer.Option("--sample-queries", help="Evaluate this many random queries.")
     ] = None,
+    qrels: Annotated[
+        Path | None,
+        typer.Option(
+            help="TREC qrels judging the queries (docnos = image ids, e.g. paths "
+            "relative to DATA); replaces label-based relevance."
+        ),
+    ] = None,
     mosaics: Annotated[int, typer.Option(help="Result mosaics to draw.")] = 5,
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
     as_json: JsonOpt = False,
@@ -460,6 +467,7 @@ def evaluate(
                 mosaics=mosaics,
                 k=k,
                 progress=progress,
+                qrels=qrels,
             )
     if as_json:
         _print_json(

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.config import Settings
-from cbir.evaluation.datasets import LabelledSet, load_labelled
+from cbir.evaluation.datasets import LabelledSet, from_qrels, load_labelled
 from cbir.evaluation.grid import GridConfig, GridProgress, GridResult, run_grid
 
 __all__ = [
@@ -29,8 +29,11 @@ def evaluate_dataset(
     mosaics: int = 5,
     k: int = 10,
     progress: GridProgress | None = None,
+    qrels: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load the labelled data, run the grid and write the report into ``output``."""
+    """Load the labelled data, run the grid and write the report into ``output``. With
+    ``qrels`` (a TREC qrels file whose docnos are the data's ids, e.g. relative paths), the
+    judgments decide relevance instead of the labels."""
     from cbir.evaluation.report import write_report
 
     collection = data if isinstance(data, LabelledSet) else load_labelled(data)
@@ -38,6 +41,9 @@ def evaluate_dataset(
         queries if queries is None or isinstance(queries, LabelledSet) else load_labelled(queries)
     )
     output = Path(output)
+    judgments = None
+    if qrels is not None:
+        judgments = from_qrels(qrels, collection)
     result = run_grid(
         collection,
         query_set,
@@ -45,6 +51,7 @@ def evaluate_dataset(
         settings=settings,
         cache_dir=output / "features",
         progress=progress,
+        qrels=judgments,
     )
     report = write_report(result, collection, query_set, output, mosaics=mosaics, k=k)
     return {**report, "rows": result.rows(), "result": result}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
-from cbir.evaluation.datasets import LabelledSet, Relevance
+from cbir.evaluation.datasets import LabelledSet, Qrels, Relevance
 from cbir.evaluation.measures import (
     average_precision,
     interpolated_precision_11,
@@ -70,6 +70,7 @@ class Combination:
     query_ms: float
     ranked: np.ndarray  # (q, keep) collection indices, best first
     distances: np.ndarray  # (q, keep)
+    relevant: np.ndarray  # (q, keep) bool: is ranked[i, j] relevant to query i
 
     @property
     def label(self) -> str:
@@ -92,6 +93,8 @@ class GridResult:
     query_index: np.ndarray  # indices into the query set of the evaluated queries
     leave_one_out: bool
     depth: int
+    #: the judgments used, when they came from a qrels file rather than labels
+    qrels: Qrels | None
     #: seconds spent extracting (0 when every descriptor came from the cache)
     extract_seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -236,9 +239,11 @@ def run_grid(
     settings: Settings | None = None,
     cache_dir: Path | None = None,
     progress: GridProgress | None = None,
+    qrels: Qrels | None = None,
 ) -> GridResult:
     """Score every (descriptor, metric) on ``collection`` (leave-one-out when ``queries`` is
-    None, else ``queries`` against ``collection``)."""
+    None, else ``queries`` against ``collection``). Relevant means sharing a label, or, with
+    ``qrels``, what the judgments say (then only the judged queries are evaluated)."""
     config = config or GridConfig()
     settings = settings or Settings.from_env()
     started = time.perf_counter()
@@ -262,6 +267,9 @@ def run_grid(
         query_set = queries
     coll_index = np.flatnonzero(ok_c)
     query_index = np.flatnonzero(ok_q)
+    if qrels is not None:
+        judged = np.array([query_set.ids[i] in qrels for i in query_index], dtype=bool)
+        query_index = query_index[judged] if len(query_index) else query_index
     if config.sample_queries is not None and config.sample_queries < len(query_index):
         rng = np.random.default_rng(config.seed)
         query_index = np.sort(rng.choice(query_index, config.sample_queries, replace=False))
@@ -270,14 +278,21 @@ def run_grid(
 
     coll_labels = [collection.labels[i] for i in coll_index]
     q_labels = [query_set.labels[i] for i in query_index]
-    relevance = Relevance.from_labels(q_labels, coll_labels)
+    if qrels is None:
+        relevance = Relevance.from_labels(q_labels, coll_labels)
+    else:
+        relevance = Relevance.from_qrels(
+            qrels, [query_set.ids[i] for i in query_index], [collection.ids[i] for i in coll_index]
+        )
     n = len(coll_index)
     depth = config.depth or (n if n <= FULL_RANKING_LIMIT else 1000)
     self_pos = None
     if loo:  # position of each query inside coll_index
         self_pos = np.searchsorted(coll_index, query_index)
     q_local = np.arange(len(query_index))
-    n_relevant = relevance.counts(q_local, exclude_self=loo)
+    n_relevant = relevance.counts(q_local)
+    if self_pos is not None:  # a query never counts itself (it is not in its own ranking)
+        n_relevant -= relevance.matrix(q_local, self_pos[:, None])[:, 0]
     classes = np.array([sorted(lbl)[0] if lbl else "" for lbl in q_labels])
 
     plan = [(s, m) for s in specs for m in applicable_metrics(s, config.metrics)]
@@ -309,6 +324,7 @@ def run_grid(
                 query_ms=per_query * 1000,
                 ranked=coll_index[ranked[:, : config.keep]],
                 distances=dists[:, : config.keep].copy(),
+                relevant=rel[:, : config.keep].copy(),
             )
         )
     if progress is not None:
@@ -318,6 +334,7 @@ def run_grid(
         query_index=query_index,
         leave_one_out=loo,
         depth=depth,
+        qrels=qrels,
         extract_seconds=seconds,
         skipped=skipped,
         seconds=time.perf_counter() - started,

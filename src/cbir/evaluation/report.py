@@ -81,12 +81,13 @@ def write_report(
         q = int(result.query_index[row])
         top = best.ranked[row, :k]
         results = [
-            (
-                _thumbnail(collection.items[i]),
-                bool(collection.labels[i] & query_set.labels[q]),
-                float(d),
+            (_thumbnail(collection.items[i]), bool(rel), float(d))
+            for i, d, rel in zip(
+                top.tolist(),
+                best.distances[row, :k].tolist(),
+                best.relevant[row, :k].tolist(),
+                strict=True,
             )
-            for i, d in zip(top.tolist(), best.distances[row, :k].tolist(), strict=True)
         ]
         name = _safe(query_set.ids[q])
         files.append(
@@ -100,8 +101,10 @@ def write_report(
         )
 
     notes = []
-    pairs = _relevant_pairs(result, collection, query_set)
-    if pairs <= MAX_QRELS_PAIRS:
+    if result.qrels is not None:  # the user's own judgments, as given
+        given = {_safe(q): {_safe(d) for d in docs} for q, docs in result.qrels.items()}
+        files.append(write_trec_qrels(given, out / "trec" / "qrels.txt"))
+    elif (pairs := _relevant_pairs(result, collection, query_set)) <= MAX_QRELS_PAIRS:
         qrels = _qrels(result, collection, query_set)
         files.append(write_trec_qrels(qrels, out / "trec" / "qrels.txt"))
     else:
