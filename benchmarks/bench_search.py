@@ -18,8 +18,7 @@ from common import WORK, dataset, image_files, md_table, percentiles_ms
 from cbir.collection import Collection
 from cbir.config import Settings
 from cbir.extraction import extract_images
-from cbir.features import create_descriptor
-from cbir.metrics import get_metric, metric_names
+from cbir.features import create_descriptor, metrics_for
 
 DESCRIPTOR = "color-regional"
 
@@ -42,9 +41,7 @@ def main(queries: int = 100) -> str:
         Q = extract_images(qfiles, d, max_pixels=settings.max_pixels)
         describe_ms = (time.perf_counter() - t0) / len(qfiles) * 1000
         rows = []
-        for name in metric_names():
-            if get_metric(name).nonnegative and not d.nonnegative:
-                continue
+        for name in metrics_for(d):
             index = col.index(record, name)
             index.search(Q[:1], 10)  # warm up
             samples = []

@@ -16,8 +16,8 @@ from common import WORK, dataset, md_table
 
 from cbir.collection import Collection
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
-from cbir.features import create_descriptor, get_descriptor_class
-from cbir.metrics import get_metric, metric_names
+from cbir.features import create_descriptor, metrics_for
+from cbir.metrics import get_metric
 
 
 def loo_scores(D: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -45,10 +45,8 @@ def main(name: str = "dtd10") -> str:
             ids, X = col.vectors(record.spec)
             labels = np.array(col.store.labels(ids))
             best = None
-            for metric in metric_names():
+            for metric in metrics_for(record.name):
                 m = get_metric(metric)
-                if m.nonnegative and not get_descriptor_class(record.name).nonnegative:
-                    continue
                 scores = loo_scores(m.pairwise(X), labels)
                 grid[(record.name, metric)] = scores
                 if best is None or scores[0] > best[1][0]:
