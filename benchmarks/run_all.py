@@ -43,9 +43,8 @@ Goal: colour histograms at least half the decode-only rate, every hand-crafted d
 least a quarter. A descriptor's rate includes its own decode (JPEG draft mode at the size it
 asks for), resize and description; the percentage compares it with the faster of two
 decode-only rates: full size, and draft for the descriptor's own size without the resize.
-On this shared machine the absolute rates move by up to 40% between runs (CIFAR-10 decoding
-measured 3,900 to 6,800 img/s on 2026-11-22); the percentages are steadier. In the four runs of
-that day every goal was met, once only just (glcm on CIFAR-10 at 25%, while other jobs ran).
+On a shared machine the absolute rates move by up to 40% between runs; the percentages are
+steadier. Compare runs before drawing conclusions.
 
 {section["extract"]}
 ## Exact search latency over CIFAR-10 train
