@@ -261,22 +261,6 @@ class Store:
             )
         return next(d for d in self.descriptors() if d.spec == spec)
 
-    def drop_descriptor(self, descriptor_id: int) -> None:
-        """Forget a descriptor and delete its vectors."""
-        self._require_lock()
-        files = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT file FROM segments WHERE descriptor_id = ?", (descriptor_id,)
-            )
-        ]
-        with self._transaction() as db:
-            db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
-            db.execute("DELETE FROM segments WHERE descriptor_id = ?", (descriptor_id,))
-            db.execute("DELETE FROM descriptors WHERE id = ?", (descriptor_id,))
-        for f in files:
-            self._segment_path(descriptor_id, f).unlink(missing_ok=True)
-
     # -- images ----------------------------------------------------------------------------------
     def images(self, *, status: str | None = None) -> list[ImageRecord]:
         """Catalogue rows, optionally only those with ``status`` ("ok" or "skipped")."""
@@ -304,7 +288,7 @@ class Store:
         return out
 
     def counts(self) -> dict[str, int]:
-        """Number of images by status, and of vectors per descriptor spec."""
+        """Number of images by status ("ok", "skipped")."""
         out = {
             r[0]: r[1]
             for r in self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status")

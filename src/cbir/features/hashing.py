@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cbir.features.base import Descriptor
-from cbir.features.inputs import check_positive_int
+from cbir.features.inputs import as_gray_uint8, check_positive_int
 from cbir.features.registry import register_descriptor
 from cbir.images import InputSpec
 
@@ -36,25 +36,10 @@ MIN_INPUT_SIDE = 64
 MAX_HASH_SIZE = 64
 
 
-def as_gray(image: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 grey; RGB(A) is converted with Pillow (ITU-R 601-2), as the pipeline and
-    ``imagehash`` do, so a hash of the RGB array equals the hash of its ``"L"`` version."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim == 3 and a.shape[2] in (3, 4) and a.size:
-        return np.asarray(Image.fromarray(np.ascontiguousarray(a)).convert("L"))
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"expected a non-empty (H, W) grayscale image, got shape {a.shape}")
-    return a
-
-
 def lanczos_grid(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The grey image resized to ``size`` = (width, height) with Pillow's Lanczos filter, as
     ``imagehash`` does (its ``ANTIALIAS``): any aspect ratio is squashed to the grid."""
-    gray = Image.fromarray(np.ascontiguousarray(as_gray(image)))
+    gray = Image.fromarray(as_gray_uint8(image))
     return np.asarray(gray.resize(size, Image.Resampling.LANCZOS))
 
 

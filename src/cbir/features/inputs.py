@@ -6,6 +6,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 
 def is_int(value: Any) -> bool:
@@ -38,15 +39,18 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def as_gray_uint8(image: np.ndarray) -> np.ndarray:
-    """The (H, W) uint8 array texture descriptors work on; RGB(A) input is converted with cv2."""
+    """The (H, W) uint8 grey array texture, shape and hash descriptors work on.
+
+    RGB(A) input is converted with Pillow's ITU-R 601-2 luma, the conversion the image pipeline
+    (and ``imagehash``) uses, so a descriptor gives the same vector for an RGB array as for the
+    "L" array the pipeline would have handed it."""
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got dtype {a.dtype}")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     elif a.ndim == 3 and a.shape[2] in (3, 4) and a.size:
-        code = cv2.COLOR_RGB2GRAY if a.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
-        a = cv2.cvtColor(np.ascontiguousarray(a), code)
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).convert("L"))
     if a.ndim != 2 or a.size == 0:
         raise ValueError(f"expected a non-empty (H, W) grayscale image, got shape {a.shape}")
     return np.ascontiguousarray(a)
