@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from cbir.collection import Collection
+from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
 from cbir.images import ImageError
 from cbir.search import Hit
@@ -118,62 +118,73 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder of images to the collection (again: only new and changed files)."""
-    from cbir.collection import IndexInterrupted
-
     with _user_errors():
         col = _open(collection, create=True, workers=workers, max_pixels=max_pixels)
-        columns = [
-            TextColumn("[bold]indexing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        ]
-        with Progress(*columns, console=err, disable=as_json, transient=False) as bar:
-            task = bar.add_task("index", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            try:
-                report = col.add(
-                    *sources,
-                    descriptors=descriptor,
-                    labels=labels,
-                    all_files=all_files,
-                    retry_skipped=retry_skipped,
-                    progress=progress,
-                )
-            except IndexInterrupted as stop:
-                report = stop.report
+        report = _add_with_progress(
+            col,
+            sources,
+            show=not as_json,
+            descriptors=descriptor,
+            labels=labels,
+            all_files=all_files,
+            retry_skipped=retry_skipped,
+        )
         col.close()
     if as_json:
         _print_json(report.to_dict())
     else:
-        out.print(
-            f"{report.scanned} files: {report.added} added, {report.updated} updated, "
-            f"{report.unchanged} unchanged, {len(report.skipped)} skipped"
-            + (f", {report.still_skipped} skipped before" if report.still_skipped else "")
-            + f" ({report.extracted} extracted in {report.seconds:.1f} s, "
-            f"{report.rate:,.0f} img/s)",
-            highlight=False,
-        )
-        for path, reason in report.skipped[:20]:
-            out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
-        if len(report.skipped) > 20:
-            out.print(f"  ... and {len(report.skipped) - 20} more (cbir info --skipped)")
-        if report.missing:
-            out.print(
-                f"{len(report.missing)} catalogued files no longer exist; "
-                "drop them with: cbir remove --missing"
-            )
+        _print_index_report(report)
     if report.interrupted:
         err.print(
             "[yellow]interrupted:[/] the work done so far is saved; run the same command "
             "again to continue."
         )
         raise typer.Exit(130)
+
+
+def _add_with_progress(
+    col: Collection, sources: list[Path], *, show: bool, **options: Any
+) -> IndexReport:
+    """``col.add`` with a progress bar (images/s); an interrupted run returns its report."""
+    columns = [
+        TextColumn("[bold]indexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err, disable=not show, transient=False) as bar:
+        task = bar.add_task("index", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            return col.add(*sources, progress=progress, **options)
+        except IndexInterrupted as stop:
+            return stop.report
+
+
+def _print_index_report(report: IndexReport) -> None:
+    """One summary line, then the skipped files with their reasons."""
+    out.print(
+        f"{report.scanned} files: {report.added} added, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {len(report.skipped)} skipped"
+        + (f", {report.still_skipped} skipped before" if report.still_skipped else "")
+        + f" ({report.extracted} extracted in {report.seconds:.1f} s, "
+        f"{report.rate:,.0f} img/s)",
+        highlight=False,
+    )
+    for path, reason in report.skipped[:20]:
+        out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
+    if len(report.skipped) > 20:
+        out.print(f"  ... and {len(report.skipped) - 20} more (cbir info --skipped)")
+    if report.missing:
+        out.print(
+            f"{len(report.missing)} catalogued files no longer exist; "
+            "drop them with: cbir remove --missing"
+        )
 
 
 # -- search ----------------------------------------------------------------------------------
@@ -548,19 +559,9 @@ def demo(
             f"demo images in {images_dir} (13 scenes x 8 views), queries in {queries}",
             highlight=False,
         )
-        index(
-            [images_dir],
-            descriptor=None,
-            labels="folder",
-            all_files=False,
-            retry_skipped=False,
-            workers=None,
-            max_pixels=None,
-            collection=collection,
-            as_json=False,
-        )
         query = queries / "coffee.jpg"
-        with Collection(collection, create=False) as col:
+        with Collection(collection) as col:
+            _print_index_report(_add_with_progress(col, [images_dir], show=True, labels="folder"))
             record = col.descriptor(descriptor)
             hits = col.search(query, k, descriptor=descriptor, metric=metric)
         out.print(f"\nquery: {query}, a view of the coffee scene held out of the collection")
