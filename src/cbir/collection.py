@@ -291,17 +291,14 @@ class Collection:
     def remove(self, paths: Iterable[str | os.PathLike[str]] = (), *, missing: bool = False) -> int:
         """Drop images by path (a folder drops everything under it), and with ``missing=True``
         every catalogued file that no longer exists. Returns how many were removed."""
-        records = self.store.images()
         targets: set[int] = set()
         for p in paths:
-            full = str(Path(p).expanduser().resolve())
-            prefix = full.rstrip(os.sep) + os.sep
-            hits = [r.id for r in records if r.path == full or r.path.startswith(prefix)]
+            hits = self.store.ids_under(str(Path(p).expanduser().resolve()))
             if not hits:
                 raise ValueError(f"{p} is not in the collection")
             targets.update(hits)
         if missing:
-            targets.update(r.id for r in records if not os.path.exists(r.path))
+            targets.update(r.id for r in self.store.images() if not os.path.exists(r.path))
         if not targets:
             return 0
         try:

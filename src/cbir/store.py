@@ -278,6 +278,15 @@ class Store:
         ).fetchone()
         return None if row is None else ImageRecord(*row)
 
+    def ids_under(self, path: str) -> list[int]:
+        """Ids of the image at ``path`` or of every image below the folder ``path``."""
+        prefix = path.rstrip(os.sep) + os.sep
+        rows = self._db.execute(
+            "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
+            (path, len(prefix), prefix),
+        )
+        return [r[0] for r in rows]
+
     def present_descriptors(self) -> dict[int, set[int]]:
         """image id -> ids of the descriptors it has vectors for."""
         out: dict[int, set[int]] = {}
