@@ -26,6 +26,7 @@ from rich.text import Text
 
 from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
+from cbir.features import DescriptorUnavailableError
 from cbir.images import ImageError
 from cbir.search import Hit
 from cbir.store import StoreError
@@ -58,7 +59,14 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one readable line and exit status 2."""
     try:
         yield
-    except (ValueError, ImageError, StoreError, NotImplementedError, FileNotFoundError) as exc:
+    except (
+        ValueError,
+        ImageError,
+        StoreError,
+        NotImplementedError,
+        FileNotFoundError,
+        DescriptorUnavailableError,
+    ) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 

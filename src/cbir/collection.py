@@ -21,8 +21,9 @@ import numpy as np
 
 from cbir import images
 from cbir.config import Settings
-from cbir.extraction import Task, extract_images, run_tasks
+from cbir.extraction import Task, extract_arrays, extract_images, run_tasks
 from cbir.features import (
+    DerivedDescriptor,
     Descriptor,
     create_descriptor,
     get_descriptor_class,
@@ -54,6 +55,8 @@ class IndexReport:
     #: catalogued files under the indexed folders that no longer exist
     missing: list[str] = field(default_factory=list)
     interrupted: bool = False
+    #: descriptor spec -> what fitting it on the collection reported (e.g. held-out accuracy)
+    fitted: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     extracted: int = 0
 
@@ -112,17 +115,57 @@ class Collection:
         return self.store.descriptors()
 
     def _register(self, specs: Iterable[str | Descriptor]) -> list[DescriptorRecord]:
+        """Record descriptors (and the base of each derived one, after it)."""
         records = []
         for spec in specs:
             d = create_descriptor(spec)
-            if d.requires_fit:
-                raise NotImplementedError(f"descriptor {d.name!r} must be fitted first")
-            records.append(
-                self.store.add_descriptor(
-                    d.spec, d.name, _jsonable(d.get_params()), d.dim, d.default_metric
+            chain = [d, d.base] if _derives(d) else [d]
+            for item in chain:
+                records.append(
+                    self.store.add_descriptor(
+                        item.spec,
+                        item.name,
+                        _jsonable(item.get_params()),
+                        item.dim,
+                        item.default_metric,
+                    )
                 )
-            )
         return records
+
+    def instance(self, record: DescriptorRecord) -> Descriptor:
+        """A ready descriptor object for a record: built from its spec, with what it learned
+        from this collection restored (a clear error if it was never fitted)."""
+        d = create_descriptor(record.spec)
+        if d.requires_fit:
+            state = self.store.load_state(record.id)
+            if state is None:
+                raise ValueError(
+                    f"descriptor {record.spec} has not been fitted on this collection yet; "
+                    "run: cbir index DIR (it fits what needs fitting) or cbir fit"
+                )
+            d.set_state(state)
+        return d
+
+    def _state_files(self) -> dict[str, str]:
+        """spec -> file of each fitted descriptor's state, for the extraction workers."""
+        return {
+            d.spec: str(self.store.root / "models" / f"{d.id}.npz")
+            for d in self.descriptors
+            if self.store.load_state(d.id) is not None
+        }
+
+    def _worker_specs(self) -> tuple[str, ...]:
+        """Descriptors the workers extract from images: not the derived ones (computed from
+        their base's vectors here) nor those still waiting to be fitted."""
+        out = []
+        for d in self.descriptors:
+            obj = create_descriptor(d.spec)
+            if _derives(obj):
+                continue
+            if obj.requires_fit and self.store.load_state(d.id) is None:
+                continue
+            out.append(d.spec)
+        return tuple(out)
 
     def descriptor(self, spec: str | None = None) -> DescriptorRecord:
         """The collection's descriptor matching ``spec`` (a name, or a name with parameters)."""
@@ -186,11 +229,20 @@ class Collection:
             self._register(requested)
             files, roots = _discover(sources, all_files)
             report.scanned = len(files)
-            tasks, new_paths = self._plan(
-                files, _label_function(labels, roots), retry_skipped, report
-            )
+            label_of = _label_function(labels, roots)
+            tasks, new_paths = self._plan(files, label_of, retry_skipped, report)
             report.missing = _missing_under(self.store, roots)
             self._extract(tasks, new_paths, report, progress)
+            if not report.interrupted and self._fit_pending(report):
+                # descriptors fitted just now: extract them for every image (the rest is
+                # unchanged, so only they are computed)
+                again = IndexReport()
+                tasks, _ = self._plan(files, label_of, False, again)
+                self._extract(tasks, set(), again, progress)
+                report.interrupted = again.interrupted
+                report.skipped += again.skipped
+            if not report.interrupted:
+                self._complete_derived()
         finally:
             self._indexes.clear()
             report.seconds = time.perf_counter() - started
@@ -208,7 +260,7 @@ class Collection:
     ) -> tuple[list[Task], set[str]]:
         """Decide what each file needs: everything (new or changed content), only the
         descriptors it lacks, or nothing. Returns the tasks and the paths that are new."""
-        specs = tuple(d.spec for d in self.descriptors)
+        specs = self._worker_specs()
         ids_by_spec = {d.spec: d.id for d in self.descriptors}
         known = {r.path: r for r in self.store.images()}
         present = self.store.present_descriptors()
@@ -280,6 +332,7 @@ class Collection:
                 workers=self.settings.worker_count,
                 max_pixels=self.settings.max_pixels,
                 on_result=on_result,
+                states=self._state_files(),
             )
         except KeyboardInterrupt:
             report.interrupted = True
@@ -287,6 +340,86 @@ class Collection:
         if not report.interrupted:
             for d in self.descriptors:
                 self.store.compact(d.id)
+
+    # -- fitting -------------------------------------------------------------------------------
+    def fit(
+        self, descriptor: str | None = None, *, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """(Re)fit a descriptor that learns from the collection on what the collection holds
+        now, and recompute its vectors. Returns what the fit reported (e.g. held-out accuracy)."""
+        record = self.descriptor(descriptor)
+        if not create_descriptor(record.spec).requires_fit:
+            raise ValueError(f"descriptor {record.spec} learns nothing from the collection")
+        self.store.acquire()
+        try:
+            info = self._fit_one(record)
+            report = IndexReport()
+            paths = [r.path for r in self.store.images(status="ok")]
+            tasks, _ = self._plan(paths, lambda path: None, False, report)
+            self._extract(tasks, set(), report, progress)
+            if report.interrupted:
+                raise IndexInterrupted(report)
+            self._complete_derived()
+        finally:
+            self._indexes.clear()
+            self.store.release()
+        return info
+
+    def _fit_pending(self, report: IndexReport) -> bool:
+        """Fit every descriptor that needs it and was not fitted yet; True if any was fitted
+        from images (its vectors are then still to be extracted)."""
+        from_images = False
+        for record in self.descriptors:
+            d = create_descriptor(record.spec)
+            if d.requires_fit and self.store.load_state(record.id) is None:
+                report.fitted[record.spec] = self._fit_one(record)
+                from_images |= not _derives(d)
+        return from_images
+
+    def _fit_one(self, record: DescriptorRecord) -> dict[str, Any]:
+        """Fit one descriptor on (a sample of) the collection and save what it learned."""
+        d = create_descriptor(record.spec)
+        rng = np.random.default_rng(0)
+        if isinstance(d, DerivedDescriptor) and d.derives:
+            base = self.descriptor(d.base.spec)
+            ids, vectors = self.store.load_vectors(base.id)
+            labels = self.store.labels(ids) if d.needs_labels else None
+            if len(ids) == 0:
+                raise ValueError(f"descriptor {record.spec} has no images to learn from")
+            d.fit_vectors(vectors, labels)
+        else:
+            records = self.store.images(status="ok")
+            if not records:
+                raise ValueError(f"descriptor {record.spec} has no images to learn from")
+            if len(records) > d.fit_sample:
+                keep = np.sort(rng.choice(len(records), d.fit_sample, replace=False))
+                records = [records[i] for i in keep]
+            arrays, labels = [], []
+            for r in records:
+                try:
+                    arrays.append(extract_arrays(r.path, d, max_pixels=self.settings.max_pixels))
+                    labels.append(r.label)
+                except images.ImageError:
+                    continue  # changed or gone since it was indexed: fit on the others
+            d.fit(arrays, labels if d.needs_labels else None)
+        self.store.save_state(record.id, d.get_state())
+        return dict(getattr(d, "fit_report_", {}) or {})
+
+    def _complete_derived(self) -> None:
+        """Compute the vectors of fitted derived descriptors for images that have their base's
+        vectors but not theirs (new images, or all of them after a fit), block by block."""
+        for record in self.descriptors:
+            d = create_descriptor(record.spec)
+            if not _derives(d) or self.store.load_state(record.id) is None:
+                continue
+            d = self.instance(record)
+            base = self.descriptor(d.base.spec)
+            todo = self.store.ids_without(record.id, having=base.id)
+            for lo in range(0, len(todo), self.settings.block_rows):
+                ids = todo[lo : lo + self.settings.block_rows]
+                vectors = self.store.vectors_for(base.id, ids)
+                self.store.write_vectors(record.id, ids, d.transform_vectors(vectors))
+            self.store.compact(record.id)
 
     def remove(self, paths: Iterable[str | os.PathLike[str]] = (), *, missing: bool = False) -> int:
         """Drop images by path (a folder drops everything under it), and with ``missing=True``
@@ -379,7 +512,7 @@ class Collection:
                     except KeyError:
                         pass
                 item = path
-            descriptor = descriptor or create_descriptor(record.spec)
+            descriptor = descriptor or self.instance(record)
             try:
                 rows.append(
                     extract_images([item], descriptor, max_pixels=self.settings.max_pixels)[0]
@@ -515,6 +648,11 @@ class Collection:
             w.writerow(["row", "id", "path", "label", "descriptor"])
             w.writerows([n, r.id, r.path, r.label, record.spec] for n, r in enumerate(recs))
         return [out / "catalogue.csv", out / "vectors.npy", out / "vectors.csv"]
+
+
+def _derives(d: Descriptor) -> bool:
+    """Whether a descriptor is computed from another descriptor's stored vectors."""
+    return isinstance(d, DerivedDescriptor) and d.derives
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import numpy as np
 
@@ -44,20 +45,31 @@ class Task:
     array: np.ndarray | None = None
 
 
-_DESCRIPTORS: dict[str, Descriptor] = {}
+_DESCRIPTORS: dict[tuple[str, str | None, int], Descriptor] = {}
+#: spec -> file of what a fitted descriptor learned (``Store.save_state``), for this call
+StateFiles = Mapping[str, str]
 
 
-def _descriptor(spec: str) -> Descriptor:
-    """One descriptor object per spec and process (models and tables are built once)."""
-    if spec not in _DESCRIPTORS:
-        _DESCRIPTORS[spec] = create_descriptor(spec)
-    return _DESCRIPTORS[spec]
+def _descriptor(spec: str, states: StateFiles | None = None) -> Descriptor:
+    """One descriptor object per spec (and fitted state) and process: models, tables and
+    vocabularies are loaded once."""
+    state_file = (states or {}).get(spec)
+    stamp = os.stat(state_file).st_mtime_ns if state_file else 0
+    key = (spec, state_file, stamp)
+    if key not in _DESCRIPTORS:
+        descriptor = create_descriptor(spec)
+        if state_file:
+            with np.load(state_file, allow_pickle=False) as data:
+                descriptor.set_state({k: data[k] for k in data.files})
+        _DESCRIPTORS[key] = descriptor
+    return _DESCRIPTORS[key]
 
 
 def _init_worker() -> None:
     # The parent handles Ctrl-C and tells the workers to stop; each worker uses one thread so
     # two workers on two cores do not fight over them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["CBIR_WORKER"] = "1"  # read by the deep backbones: one PyTorch thread each
     import cv2
 
     cv2.setNumThreads(1)
@@ -74,7 +86,9 @@ def _read(path: str) -> tuple[bytes, os.stat_result]:
         raise images.ImageError(f"cannot read file: {exc.strerror or exc}") from exc
 
 
-def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
+def extract_chunk(
+    tasks: Sequence[Task], max_pixels: int, states: StateFiles | None = None
+) -> list[ImageUpdate]:
     """Process a chunk of files; never raises for a bad file, which comes back as skipped."""
     updates: list[ImageUpdate] = []
     decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]] = []
@@ -96,7 +110,7 @@ def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
                 if not specs:
                     update.status = "unchanged"
                     continue
-            descriptors = [_descriptor(s) for s in specs]
+            descriptors = [_descriptor(s, states) for s in specs]
             side = _decode_side(descriptors)
             if isinstance(data, np.ndarray):
                 image = images.from_array(data)
@@ -109,7 +123,7 @@ def extract_chunk(tasks: Sequence[Task], max_pixels: int) -> list[ImageUpdate]:
             update.status, update.reason = "skipped", exc.reason
         except Exception as exc:  # a decoder bug must not end the run
             update.status, update.reason = "skipped", f"{type(exc).__name__}: {exc}"
-    _transform_all(decoded)
+    _transform_all(decoded, states)
     return updates
 
 
@@ -118,14 +132,16 @@ def _decode_side(descriptors: Sequence[Descriptor]) -> int | None:
     return None if not sides or any(s is None for s in sides) else max(s for s in sides if s)
 
 
-def _transform_all(decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]]) -> None:
+def _transform_all(
+    decoded: list[tuple[ImageUpdate, dict[str, np.ndarray]]], states: StateFiles | None
+) -> None:
     """Run each descriptor once over the whole chunk; isolate a failing image if one fails."""
     specs = {s for _, arrays in decoded for s in arrays}
     for spec in sorted(specs):
         members = [
             (u, arrays[spec]) for u, arrays in decoded if spec in arrays and u.status == "ok"
         ]
-        descriptor = _descriptor(spec)
+        descriptor = _descriptor(spec, states)
         try:
             out = descriptor.transform([a for _, a in members])
             for (u, _), vec in zip(members, out, strict=True):
@@ -192,6 +208,7 @@ def run_tasks(
     max_pixels: int,
     chunk_size: int = 16,
     on_result: Callable[[ImageUpdate], None],
+    states: StateFiles | None = None,
 ) -> None:
     """Process ``tasks`` on ``workers`` processes, calling ``on_result`` in the parent for each.
 
@@ -205,10 +222,10 @@ def run_tasks(
             for chunk in chunks:
                 if stop.is_set():
                     break
-                for update in extract_chunk(chunk, max_pixels):
+                for update in extract_chunk(chunk, max_pixels, states):
                     on_result(update)
         else:
-            _run_pool(chunks, workers, max_pixels, on_result, stop)
+            _run_pool(chunks, workers, max_pixels, on_result, stop, states)
         if stop.is_set():
             raise KeyboardInterrupt
 
@@ -219,13 +236,18 @@ def _run_pool(
     max_pixels: int,
     on_result: Callable[[ImageUpdate], None],
     stop: threading.Event,
+    states: StateFiles | None,
 ) -> None:
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
     todo = iter(chunks)
+
+    def submit(chunk: Sequence[Task]) -> Any:
+        return pool.submit(extract_chunk, chunk, max_pixels, states)
+
     try:
         with _sigint_ignored():  # the workers start now and inherit it: no Ctrl-C mid-import
-            pending = {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, workers * 3)}
+            pending = {submit(c) for c in islice(todo, workers * 3)}
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for future in done:
@@ -234,7 +256,7 @@ def _run_pool(
                 for update in future.result():
                     on_result(update)
                 if not stop.is_set():
-                    pending |= {pool.submit(extract_chunk, c, max_pixels) for c in islice(todo, 1)}
+                    pending |= {submit(c) for c in islice(todo, 1)}
             if stop.is_set():
                 for future in pending:
                     future.cancel()  # chunks not started yet; running ones still deliver
@@ -242,14 +264,19 @@ def _run_pool(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def extract_arrays(
+    source: str | os.PathLike[str] | bytes, descriptor: Descriptor, *, max_pixels: int
+) -> np.ndarray:
+    """The array a descriptor sees for one image (path or encoded bytes); raises ImageError."""
+    spec = descriptor.input_spec
+    data = source if isinstance(source, bytes) else _read(os.fspath(source))[0]
+    image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels, shrink=False)
+    return images.to_array(image, spec)
+
+
 def extract_images(
     sources: Sequence[str | os.PathLike[str] | bytes], descriptor: Descriptor, *, max_pixels: int
 ) -> np.ndarray:
     """Vectors of a few query images (paths or encoded bytes), in-process; raises ImageError."""
-    spec = descriptor.input_spec
-    arrays = []
-    for source in sources:
-        data = source if isinstance(source, bytes) else _read(os.fspath(source))[0]
-        image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels, shrink=False)
-        arrays.append(images.to_array(image, spec))
+    arrays = [extract_arrays(s, descriptor, max_pixels=max_pixels) for s in sources]
     return np.asarray(descriptor.transform(arrays), dtype=np.float32)

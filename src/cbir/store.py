@@ -4,6 +4,7 @@ Layout of a collection directory::
 
     catalogue.sqlite          images, descriptors, segments, vectors (which row of which file)
     vectors/<descriptor id>/<uuid>.npy   immutable float32 segments, one per flushed batch
+    models/<descriptor id>.npz           what a fitted descriptor learned from the collection
     lock                      held by the one process that writes
 
 Why segments: a batch of vectors is written to a new file (temp name, fsync, atomic rename)
@@ -529,6 +530,75 @@ class Store:
                 raise KeyError(image_id)
             out[k] = self._open_segment(descriptor_id, row[0])[row[1]]
         return out
+
+    def write_vectors(self, descriptor_id: int, image_ids: np.ndarray, matrix: np.ndarray) -> None:
+        """Store vectors of images already in the catalogue (e.g. computed from another
+        descriptor's vectors): one new segment, then one transaction."""
+        if len(image_ids) == 0:
+            return
+        self._require_lock()
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        dim = next(d.dim for d in self.descriptors() if d.id == descriptor_id)
+        if matrix.shape != (len(image_ids), dim):
+            raise StoreError(
+                f"expected {len(image_ids)} vectors of {dim} values, got {matrix.shape}"
+            )
+        file = self._write_segment(descriptor_id, matrix)
+        try:
+            with self._transaction() as db:
+                seg = db.execute(
+                    "INSERT INTO segments (descriptor_id, file, rows) VALUES (?, ?, ?)",
+                    (descriptor_id, file, len(image_ids)),
+                ).lastrowid
+                db.executemany(
+                    "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(descriptor_id, int(i), seg, row) for row, i in enumerate(image_ids)],
+                )
+        except BaseException:
+            self._segment_path(descriptor_id, file).unlink(missing_ok=True)
+            raise
+
+    def ids_without(self, descriptor_id: int, having: int | None = None) -> np.ndarray:
+        """Ids of good images that lack vectors of ``descriptor_id`` (and, with ``having``,
+        have vectors of that other descriptor)."""
+        sql = (
+            "SELECT id FROM images WHERE status = 'ok' AND id NOT IN "
+            "(SELECT image_id FROM vectors WHERE descriptor_id = ?)"
+        )
+        args: tuple[int, ...] = (descriptor_id,)
+        if having is not None:
+            sql += " AND id IN (SELECT image_id FROM vectors WHERE descriptor_id = ?)"
+            args += (having,)
+        return np.array([r[0] for r in self._db.execute(sql + " ORDER BY id", args)], np.int64)
+
+    # -- fitted descriptors ----------------------------------------------------------------------
+    def _state_path(self, descriptor_id: int) -> Path:
+        return self.root / "models" / f"{descriptor_id}.npz"
+
+    def save_state(self, descriptor_id: int, state: dict[str, np.ndarray]) -> None:
+        """Keep what a descriptor learned (arrays only, no pickles), replacing any earlier fit;
+        vectors made with an earlier fit are dropped with it. Temp name, fsync, atomic rename."""
+        self._require_lock()
+        path = self._state_path(descriptor_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npz")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        with self._transaction() as db:
+            db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+            os.replace(tmp, path)
+        self.compact(descriptor_id)
+
+    def load_state(self, descriptor_id: int) -> dict[str, np.ndarray] | None:
+        """What a fitted descriptor learned, or None if it was never fitted."""
+        path = self._state_path(descriptor_id)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
 
     # -- housekeeping ----------------------------------------------------------------------------
     def compact(self, descriptor_id: int, *, force: bool = False) -> bool:

@@ -1,6 +1,6 @@
 """Descriptors: registered plug-ins that turn images into vectors."""
 
-from cbir.features.base import Descriptor
+from cbir.features.base import DerivedDescriptor, Descriptor, DescriptorUnavailableError
 from cbir.features.registry import (
     create_descriptor,
     describe_descriptors,
@@ -14,7 +14,9 @@ from cbir.features.registry import (
 )
 
 __all__ = [
+    "DerivedDescriptor",
     "Descriptor",
+    "DescriptorUnavailableError",
     "create_descriptor",
     "describe_descriptors",
     "descriptor_names",

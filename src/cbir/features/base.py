@@ -15,6 +15,10 @@ import numpy as np
 from cbir.images import InputSpec
 
 
+class DescriptorUnavailableError(RuntimeError):
+    """A descriptor that cannot run here (an optional extra is missing); says what to install."""
+
+
 class Descriptor:
     """Base class of every descriptor.
 
@@ -77,10 +81,37 @@ class Descriptor:
         """The mode and size of the arrays ``transform`` expects."""
         return InputSpec()
 
-    # -- extraction ---------------------------------------------------------------------------
-    def fit(self, images: Sequence[np.ndarray]) -> Descriptor:
-        """Learn from a sample of the collection (only for ``requires_fit`` descriptors)."""
+    @classmethod
+    def missing_requirements(cls, params: dict[str, Any]) -> str | None:
+        """Why this descriptor cannot run here (e.g. an optional extra is not installed), with
+        the command that fixes it; None when it can."""
+        return None
+
+    # -- learning from the collection ---------------------------------------------------------
+    #: How many images of the collection ``fit`` sees at most (a random sample).
+    fit_sample: ClassVar[int] = 2000
+    #: True when ``fit`` needs the images' labels (a supervised descriptor).
+    needs_labels: ClassVar[bool] = False
+
+    @property
+    def fitted(self) -> bool:
+        """Whether ``transform`` can run: always, unless the descriptor ``requires_fit``."""
+        return not self.requires_fit or bool(self.get_state())
+
+    def fit(
+        self, images: Sequence[np.ndarray], labels: Sequence[str | None] | None = None
+    ) -> Descriptor:
+        """Learn from a sample of the collection's images (``requires_fit`` descriptors)."""
         return self
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """What ``fit`` learned, as named arrays (saved with the collection, no pickles)."""
+        return {}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what ``fit`` learned (the inverse of :meth:`get_state`)."""
+
+    # -- extraction ---------------------------------------------------------------------------
 
     def transform_one(self, image: np.ndarray) -> np.ndarray:
         """One image (as described by ``input_spec``) to a 1-D vector of length ``dim``."""
@@ -92,3 +123,57 @@ class Descriptor:
         for i, image in enumerate(images):
             out[i] = self.transform_one(image)
         return out
+
+
+class DerivedDescriptor(Descriptor):
+    """A descriptor computed from another descriptor's vectors by a step fitted on the
+    collection (centring, PCA-whitening, a trained classifier head): PyRetri's "reduce" stage.
+
+    A collection stores the base vectors too, fits on them, and computes the derived vectors from
+    them without decoding an image again. ``transform`` on images still works once fitted.
+    """
+
+    requires_fit: ClassVar[bool] = True
+
+    @property
+    def derives(self) -> bool:
+        """True when this instance is computed from its base's vectors (a descriptor whose
+        fitted step is switched off by its parameters is a plain one)."""
+        return bool(self.requires_fit)
+
+    @property
+    def base_spec(self) -> str:
+        """The spec of the descriptor whose vectors this one starts from."""
+        raise NotImplementedError
+
+    @property
+    def base(self) -> Descriptor:
+        from cbir.features.registry import create_descriptor
+
+        if getattr(self, "_base", None) is None or self._base.spec != self.base_spec:
+            self._base = create_descriptor(self.base_spec)
+        return self._base
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.base.input_spec
+
+    def fit(
+        self, images: Sequence[np.ndarray], labels: Sequence[str | None] | None = None
+    ) -> Descriptor:
+        return self.fit_vectors(self.base.transform(images), labels)
+
+    def fit_vectors(
+        self, vectors: np.ndarray, labels: Sequence[str | None] | None = None
+    ) -> DerivedDescriptor:
+        """Learn from the base vectors of the collection (and their labels, if it needs them)."""
+        raise NotImplementedError
+
+    def transform_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Base vectors ``(n, base dim)`` to this descriptor's ``(n, dim)``."""
+        raise NotImplementedError
+
+    def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not self.fitted:
+            raise ValueError(f"descriptor {self.spec} must be fitted on a collection first")
+        return self.transform_vectors(self.base.transform(images))

@@ -13,7 +13,7 @@ import pkgutil
 import warnings
 from typing import Any
 
-from cbir.features.base import Descriptor
+from cbir.features.base import Descriptor, DescriptorUnavailableError
 from cbir.metrics import Metric, get_metric, metric_names
 
 _REGISTRY: dict[str, type[Descriptor]] = {}
@@ -149,7 +149,11 @@ def create_descriptor(spec: str | Descriptor, **params: Any) -> Descriptor:
             f"its parameters (with defaults): {allowed}"
         )
     kwargs = {k: _coerce(cls.name, k, v, defaults[k]) for k, v in merged.items()}
-    return cls(**kwargs)
+    descriptor = cls(**kwargs)
+    reason = cls.missing_requirements(descriptor.get_params())
+    if reason:
+        raise DescriptorUnavailableError(f"descriptor {cls.name!r} cannot run here: {reason}")
+    return descriptor
 
 
 def metric_applies(descriptor: str | Descriptor | type[Descriptor], metric: str | Metric) -> bool:
@@ -181,7 +185,9 @@ def describe_descriptors() -> list[dict[str, Any]]:
                 "params": {k: _jsonable(v) for k, v in cls.param_defaults().items()},
                 "dim": instance.dim,
                 "default_metric": cls.default_metric,
-                "requires_fit": cls.requires_fit,
+                "requires_fit": bool(instance.requires_fit),
+                "needs_labels": cls.needs_labels,
+                "available": cls.missing_requirements(instance.get_params()) is None,
                 "description": cls.summary(),
             }
         )

@@ -1,0 +1,325 @@
+"""Pretrained CNN descriptors: ``cnn`` (pooled embeddings of the last stages) and ``cnn-hist``
+(per-channel statistics of feature maps at several depths).
+
+Both run EfficientNet-Lite (see ``_backbone``) in batches. What ``cnn`` does by default is what
+measured best on real data (docs/results.md): the last three stages of the network, each
+average-pooled and L2-normalised, centred on the collection's mean and concatenated. Centring
+is learned from the collection (``center=true``), so a collection stores the raw vectors too and
+derives the centred ones from them; ``pca=`` and ``whiten=`` reduce and whiten the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from cbir.features import _backbone
+from cbir.features.base import DerivedDescriptor, Descriptor
+from cbir.features.inputs import as_rgb_uint8, check_positive_int
+from cbir.features.registry import create_descriptor, register_descriptor
+from cbir.images import InputSpec
+
+POOLINGS = ("gap", "gem", "max")
+#: Images whose longer side is below this fraction of ``size`` are not enlarged to ``size``
+#: but to ``small_scale`` times their side (see :func:`target_side`).
+_SMALL_FRACTION = 0.5
+
+
+def _check_common(model: str, size: int, precision: str, batch: int) -> None:
+    if model not in _backbone.MODELS:
+        raise ValueError(f"model must be one of {', '.join(_backbone.MODELS)}, got {model!r}")
+    check_positive_int("size", size, 32, 1024)
+    if precision not in _backbone.PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(_backbone.PRECISIONS)}, got {precision!r}"
+        )
+    check_positive_int("batch", batch, 1, 1024)
+
+
+def _check_layers(layers: tuple[int, ...]) -> tuple[int, ...]:
+    layers = tuple(int(s) for s in layers)
+    if not layers or any(s < 0 or s > 7 for s in layers) or len(set(layers)) != len(layers):
+        raise ValueError(
+            f"layers must be distinct stage numbers 0..7 (7 is the 1280-channel head, 0-6 the "
+            f"MBConv stages), e.g. 5x6x7; got {layers!r}"
+        )
+    return layers
+
+
+def target_side(height: int, width: int, size: int, small_scale: int) -> int:
+    """The square side an image is resized to before the network.
+
+    Photos go to ``size``. Tiny images (CIFAR's 32 px) are enlarged ``small_scale`` times
+    instead, to a multiple of 32 (the network's stride), never past ``size``: enlarging 32 px
+    to 224 px costs 12x the compute for no better retrieval (docs/results.md).
+    """
+    side = max(height, width)
+    if side >= _SMALL_FRACTION * size or small_scale <= 0:
+        return size
+    return int(min(size, max(64, -(-side * small_scale // 32) * 32)))
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+class _DeepBase(Descriptor):
+    """Shared by the CNN descriptors: the batched, size-grouped forward pass."""
+
+    nonnegative: ClassVar[bool] = False
+
+    model: str
+    size: int
+    precision: str
+    small_scale: int
+    batch: int
+
+    @classmethod
+    def missing_requirements(cls, params: dict[str, Any]) -> str | None:
+        return _backbone.missing_requirements(params.get("model", "lite0"))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        # the longer side at most ``size``; each image is squared to its target side later
+        return InputSpec(mode="RGB", max_side=self.size)
+
+    def _stage_maps(self, images: Sequence[np.ndarray], stages: Sequence[int]) -> Any:
+        """Yield ``(indices, feature maps of each stage)`` per group of images that share a
+        target side, ``batch`` images at a time."""
+        arrays = [as_rgb_uint8(a) for a in images]
+        sides = [target_side(a.shape[0], a.shape[1], self.size, self.small_scale) for a in arrays]
+        for side in sorted(set(sides)):
+            net = _backbone.backbone(self.model, side, self.precision)
+            members = [i for i, s in enumerate(sides) if s == side]
+            for lo in range(0, len(members), self.batch):
+                idx = members[lo : lo + self.batch]
+                squared = [_square(arrays[i], side) for i in idx]
+                yield idx, net.features(net.tensor(squared), stages)
+
+
+def _square(image: np.ndarray, side: int) -> np.ndarray:
+    if image.shape[0] == side and image.shape[1] == side:
+        return image
+    enlarge = side > max(image.shape[:2])
+    interpolation = cv2.INTER_CUBIC if enlarge else cv2.INTER_AREA
+    return cv2.resize(image, (side, side), interpolation=interpolation)
+
+
+@register_descriptor
+class CNNEmbedding(_DeepBase, DerivedDescriptor):
+    """Pretrained EfficientNet-Lite embedding: pooled features of its last stages (semantics).
+
+    ``layers`` are the stages pooled and concatenated (7 is the 1280-channel head); each block
+    is L2-normalised. With ``center`` (the default), each block is centred on the collection's
+    mean and normalised again, learned when the collection is indexed; ``pca`` keeps that many
+    principal components of the collection and ``whiten`` divides them by their spread.
+    """
+
+    name = "cnn"
+    aliases = ("cnn-embedding",)
+    default_metric = "cosine"
+
+    def __init__(
+        self,
+        model: str = "lite0",
+        size: int = 288,
+        layers: tuple[int, ...] = (5, 6, 7),
+        pool: str = "gap",
+        p: float = 3.0,
+        center: bool = True,
+        pca: int = 0,
+        whiten: bool = False,
+        precision: str = "bf16",
+        small_scale: int = 4,
+        batch: int = 32,
+    ) -> None:
+        _check_common(model, size, precision, batch)
+        if pool not in POOLINGS:
+            raise ValueError(f"pool must be one of {', '.join(POOLINGS)}, got {pool!r}")
+        if not 1.0 <= float(p) <= 16.0:
+            raise ValueError(f"p (the GeM exponent) must be in 1..16, got {p!r}")
+        check_positive_int("pca", pca, 0, 4096)
+        check_positive_int("small_scale", small_scale, 0, 32)
+        if whiten and not pca:
+            raise ValueError("whiten needs pca=N (the number of components to keep and whiten)")
+        self.model = model
+        self.size = int(size)
+        self.layers = _check_layers(layers)
+        self.pool = pool
+        self.p = float(p)
+        self.center = bool(center)
+        self.pca = int(pca)
+        self.whiten = bool(whiten)
+        self.precision = precision
+        self.small_scale = int(small_scale)
+        self.batch = int(batch)
+        self._mean: list[np.ndarray] | None = None
+        self._components: np.ndarray | None = None
+        self._offset: np.ndarray | None = None
+        self._scale: np.ndarray | None = None
+
+    # -- what it produces ---------------------------------------------------------------------
+    @property
+    def block_dims(self) -> list[int]:
+        channels = (16, 24, 40, 80, 112, 192, 320, 1280)
+        if self.model == "lite2":
+            channels = (16, 24, 48, 88, 120, 208, 352, 1280)
+        return [channels[s] for s in self.layers]
+
+    @property
+    def raw_dim(self) -> int:
+        return sum(self.block_dims)
+
+    @property
+    def dim(self) -> int:
+        return self.pca or self.raw_dim
+
+    @property
+    def requires_fit(self) -> bool:  # type: ignore[override]
+        return self.center or self.pca > 0
+
+    @property
+    def base_spec(self) -> str:
+        params = {**self.get_params(), "center": False, "pca": 0, "whiten": False}
+        return create_descriptor(self.name, **params).spec
+
+    # -- raw vectors ----------------------------------------------------------------------------
+    def transform_raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Pooled, per-block L2-normalised features, before any collection-fitted step."""
+        out = np.empty((len(images), self.raw_dim), dtype=np.float32)
+        for idx, maps in self._stage_maps(images, self.layers):
+            blocks = [_l2(self._pool(m).numpy()) for m in maps]
+            out[idx] = np.concatenate(blocks, axis=1)
+        return out
+
+    def _pool(self, fmap: Any) -> Any:
+        if self.pool == "gap":
+            return fmap.mean((2, 3))
+        if self.pool == "max":
+            return fmap.amax((2, 3))
+        # GeM (Radenović et al.): a learned-free middle ground between average and max.
+        return fmap.clamp(min=1e-6).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+
+    def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not self.requires_fit:
+            return self.transform_raw(images)
+        if not self.fitted:
+            raise ValueError(f"descriptor {self.spec} must be fitted on a collection first")
+        return self.transform_vectors(self.transform_raw(images))
+
+    @property
+    def base(self) -> Descriptor:
+        if not self.requires_fit:
+            return self
+        return super().base
+
+    # -- learned from the collection ---------------------------------------------------------------
+    def _split(self, vectors: np.ndarray) -> list[np.ndarray]:
+        edges = np.cumsum([0, *self.block_dims])
+        return [vectors[:, a:b] for a, b in itertools.pairwise(edges)]
+
+    def _centred(self, vectors: np.ndarray) -> np.ndarray:
+        blocks = self._split(np.asarray(vectors, dtype=np.float32))
+        if self.center and self._mean is not None:
+            blocks = [_l2(b - m) for b, m in zip(blocks, self._mean, strict=True)]
+        return np.concatenate(blocks, axis=1)
+
+    def fit_vectors(
+        self, vectors: np.ndarray, labels: Sequence[str | None] | None = None
+    ) -> CNNEmbedding:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self._mean = [b.mean(0) for b in self._split(vectors)] if self.center else None
+        if self.pca:
+            x = self._centred(vectors).astype(np.float64)
+            if self.pca > min(x.shape):
+                raise ValueError(
+                    f"pca={self.pca} needs at least {self.pca} images and dimensions; the "
+                    f"collection has {x.shape[0]} images of {x.shape[1]} dimensions"
+                )
+            mu = x.mean(0)
+            _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
+            self._components = vt[: self.pca].astype(np.float32)
+            self._offset = mu.astype(np.float32)
+            spread = s[: self.pca] / np.sqrt(max(len(x) - 1, 1))
+            self._scale = (1.0 / np.maximum(spread, 1e-6 * spread[0])).astype(np.float32)
+        return self
+
+    def transform_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        x = self._centred(vectors)
+        if self.pca and self._components is not None:
+            x = (x - self._offset) @ self._components.T
+            if self.whiten:
+                x = x * self._scale
+            x = _l2(x)
+        return x.astype(np.float32)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        if self._mean is not None:
+            state["mean"] = np.concatenate(self._mean)
+        if self._components is not None:
+            state.update(components=self._components, offset=self._offset, scale=self._scale)
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        if self.center:
+            if "mean" not in state or state["mean"].shape != (self.raw_dim,):
+                raise ValueError(f"saved state does not fit descriptor {self.spec}")
+            self._mean = self._split(state["mean"][None, :])
+            self._mean = [m[0] for m in self._mean]
+        if self.pca:
+            self._components = state["components"]
+            self._offset = state["offset"]
+            self._scale = state["scale"]
+
+
+@register_descriptor
+class CNNStatistics(_DeepBase):
+    """Multi-level CNN fusion: per-channel mean and spread of feature maps from early (texture,
+    colour) to late (semantic) stages, each block normalised, concatenated."""
+
+    name = "cnn-hist"
+    aliases = ("cnn-multilevel",)
+    default_metric = "cosine"
+
+    def __init__(
+        self,
+        model: str = "lite0",
+        size: int = 224,
+        layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7),
+        precision: str = "bf16",
+        small_scale: int = 4,
+        batch: int = 32,
+    ) -> None:
+        _check_common(model, size, precision, batch)
+        check_positive_int("small_scale", small_scale, 0, 32)
+        self.model = model
+        self.size = int(size)
+        self.layers = _check_layers(layers)
+        self.precision = precision
+        self.small_scale = int(small_scale)
+        self.batch = int(batch)
+
+    @property
+    def dim(self) -> int:
+        channels = (16, 24, 40, 80, 112, 192, 320, 1280)
+        if self.model == "lite2":
+            channels = (16, 24, 48, 88, 120, 208, 352, 1280)
+        return sum(2 * channels[s] for s in self.layers)
+
+    def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        n_blocks = 2 * len(self.layers)
+        for idx, maps in self._stage_maps(images, self.layers):
+            blocks = []
+            for m in maps:
+                blocks.append(_l2(m.mean((2, 3)).numpy()))
+                blocks.append(_l2(m.std((2, 3)).numpy()))
+            # every statistic of every stage counts equally, whatever its channel count
+            out[idx] = np.concatenate(blocks, axis=1) / np.sqrt(n_blocks)
+        return out
