@@ -20,6 +20,20 @@ DEFAULT_DESCRIPTORS: tuple[str, ...] = (
 )
 
 
+def default_descriptors() -> tuple[str, ...]:
+    """What a new collection extracts when the user names nothing: ``CBIR_DESCRIPTORS``
+    (specs separated by spaces) if set; else the hand-crafted set, led by ``cnn`` (the best
+    descriptor on real photos, see docs/results.md) when the deep extra is installed."""
+    chosen = os.environ.get("CBIR_DESCRIPTORS", "").split()
+    if chosen:
+        return tuple(chosen)
+    from cbir.features._backbone import missing_requirements
+
+    if missing_requirements() is None:
+        return ("cnn", *DEFAULT_DESCRIPTORS)
+    return DEFAULT_DESCRIPTORS
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -46,7 +60,7 @@ class Settings:
     memory_budget: int = 1 << 30
     #: Rows compared with the queries at a time in exact search.
     block_rows: int = 16384
-    default_descriptors: tuple[str, ...] = field(default=DEFAULT_DESCRIPTORS)
+    default_descriptors: tuple[str, ...] = field(default_factory=default_descriptors)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -10,6 +10,7 @@ separate collection (e.g. CIFAR-10 test against train).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir import images
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
 from cbir.evaluation.datasets import LabelledSet, Qrels, Relevance
 from cbir.evaluation.measures import (
@@ -28,8 +30,8 @@ from cbir.evaluation.measures import (
     precision_curve,
     summarise,
 )
-from cbir.extraction import Task, run_tasks
-from cbir.features import create_descriptor, metric_applies
+from cbir.extraction import Task, extract_arrays, run_tasks
+from cbir.features import DerivedDescriptor, create_descriptor, metric_applies
 from cbir.metrics import as_matrix, get_metric, metric_names
 from cbir.store import ImageUpdate
 
@@ -118,6 +120,7 @@ def extract_features(
     settings: Settings,
     cache_dir: Path | None = None,
     progress: GridProgress | None = None,
+    states: dict[str, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]], float]:
     """Vectors of every item for every descriptor, decoding each item once.
 
@@ -172,6 +175,7 @@ def extract_features(
             workers=settings.worker_count,
             max_pixels=settings.max_pixels,
             on_result=on_result,
+            states=states,
         )
         seconds = time.perf_counter() - started  # one decode per image served them all
         for spec in todo:
@@ -251,20 +255,62 @@ def run_grid(
     if not specs:
         raise ValueError("give at least one descriptor")
     loo = queries is None
-    feats_c, ok_c, skipped, seconds = extract_features(
-        collection, specs, settings=settings, cache_dir=cache_dir, progress=progress
-    )
-    if loo:
-        feats_q, ok_q = feats_c, ok_c
-        query_set = collection
-    else:
-        assert queries is not None
-        feats_q, ok_q, skipped_q, seconds_q = extract_features(
-            queries, specs, settings=settings, cache_dir=cache_dir, progress=progress
+    for spec in specs:
+        if create_descriptor(spec).needs_labels and loo:
+            raise ValueError(
+                f"{spec.split(':')[0]} learns from the labels it would be scored on; evaluate "
+                "it with a separate query set (--queries), e.g. CIFAR-10 test against train"
+            )
+    learned = [s for s in specs if create_descriptor(s).requires_fit]
+    derived = {s: create_descriptor(s) for s in learned if _derives(create_descriptor(s))}
+    from_images = [s for s in learned if s not in derived]
+    extract_specs = list(
+        dict.fromkeys(
+            [s for s in specs if s not in learned] + [d.base.spec for d in derived.values()]
         )
-        skipped += skipped_q
-        seconds += seconds_q
-        query_set = queries
+    )
+    feats_c, ok_c, skipped, seconds = extract_features(
+        collection, extract_specs, settings=settings, cache_dir=cache_dir, progress=progress
+    )
+    states: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="cbir-fit-") as state_dir:
+        if from_images:
+            seconds += _fit_on_images(collection, ok_c, from_images, settings, state_dir, states)
+            fitted, ok_f, skipped_f, seconds_f = extract_features(
+                collection, from_images, settings=settings, progress=progress, states=states
+            )
+            feats_c.update(fitted)
+            ok_c &= ok_f
+            skipped += skipped_f
+            seconds += seconds_f
+        if loo:
+            feats_q, ok_q = feats_c, ok_c
+            query_set = collection
+        else:
+            assert queries is not None
+            feats_q, ok_q, skipped_q, seconds_q = extract_features(
+                queries, extract_specs, settings=settings, cache_dir=cache_dir, progress=progress
+            )
+            if from_images:
+                fitted, ok_f, skipped_f, seconds_f = extract_features(
+                    queries, from_images, settings=settings, progress=progress, states=states
+                )
+                feats_q.update(fitted)
+                ok_q &= ok_f
+                skipped_q += skipped_f
+                seconds_q += seconds_f
+            skipped += skipped_q
+            seconds += seconds_q
+            query_set = queries
+    for spec, d in derived.items():  # fitted on the collection's vectors (and labels)
+        base = feats_c[d.base.spec]
+        labels = [_one_label(collection.labels[i]) for i in np.flatnonzero(ok_c)]
+        d.fit_vectors(base[ok_c], labels if d.needs_labels else None)
+        feats_c[spec] = d.transform_vectors(base)
+        if not loo:
+            feats_q[spec] = d.transform_vectors(feats_q[d.base.spec])
+        if progress is not None:
+            progress(f"fitted {spec.split(':')[0]}", 1, 1)
     coll_index = np.flatnonzero(ok_c)
     query_index = np.flatnonzero(ok_q)
     if qrels is not None:
@@ -339,6 +385,50 @@ def run_grid(
         skipped=skipped,
         seconds=time.perf_counter() - started,
     )
+
+
+def _derives(d: Any) -> bool:
+    return isinstance(d, DerivedDescriptor) and d.derives
+
+
+def _one_label(labels: Any) -> str | None:
+    """The label a classifier trains on: the item's only (or first) label."""
+    return sorted(labels)[0] if labels else None
+
+
+def _fit_on_images(
+    data: LabelledSet,
+    ok: np.ndarray,
+    specs: Sequence[str],
+    settings: Settings,
+    state_dir: str,
+    states: dict[str, str],
+) -> float:
+    """Fit descriptors that learn from images on a seeded sample of the collection, saving each
+    one's state to a file the extraction workers load. Returns the seconds it took."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    for spec in specs:
+        d = create_descriptor(spec)
+        usable = np.flatnonzero(ok)
+        if len(usable) > d.fit_sample:
+            usable = np.sort(rng.choice(usable, d.fit_sample, replace=False))
+        arrays, labels = [], []
+        for i in usable:
+            item = data.items[i]
+            try:
+                if isinstance(item, np.ndarray):
+                    arrays.append(images.to_array(images.from_array(item), d.input_spec))
+                else:
+                    arrays.append(extract_arrays(item, d, max_pixels=settings.max_pixels))
+                labels.append(_one_label(data.labels[i]))
+            except images.ImageError:
+                continue
+        d.fit(arrays, labels if d.needs_labels else None)
+        path = Path(state_dir) / f"{len(states)}.npz"
+        np.savez(path, **d.get_state())
+        states[spec] = str(path)
+    return time.perf_counter() - started
 
 
 def _is_default(spec: str) -> bool:

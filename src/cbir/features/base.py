@@ -115,7 +115,9 @@ class Descriptor:
 
     def transform_one(self, image: np.ndarray) -> np.ndarray:
         """One image (as described by ``input_spec``) to a 1-D vector of length ``dim``."""
-        raise NotImplementedError
+        if type(self).transform is Descriptor.transform:
+            raise NotImplementedError(f"{type(self).__name__} implements neither transform")
+        return self.transform([image])[0]
 
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """A batch of images to an ``(n, dim)`` array of ``dtype``."""
