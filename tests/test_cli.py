@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbir.cli import app
+from tests.conftest import write_colour_set
 
 runner = CliRunner()
 
@@ -154,3 +155,20 @@ def test_demo_images_are_made_from_bundled_pictures(tmp_path):
     assert len(list(collection.rglob("*.jpg"))) == 26
     assert sorted(p.stem for p in queries.iterdir()) == classes
     assert isinstance(collection, Path)
+
+
+def test_search_fuses_several_descriptors_and_fit_refuses_plain_ones(tmp_path):
+    root = tmp_path / "images"
+    write_colour_set(root)
+    col = tmp_path / "col"
+    cbir("index", root, "-c", col, "-d", "color-hist", "-d", "lbp", "--json")
+    query = next((root / "red").iterdir())
+    out = json.loads(
+        cbir("search", query, "-c", col, "-d", "color-hist", "-d", "lbp", "-k", "3", "--json")
+    )
+    assert out["fusion"] == "rrf" and out["metric"] == ["hellinger", "chi2"]
+    assert [r["label"] for r in out["results"]].count(None) == 3
+    assert out["results"][0]["score"] > out["results"][1]["score"]
+    text = cbir("search", query, "-c", col, "-d", "color-hist", "-m", "l1", "-m", "l2", code=2)
+    assert "several --metric need as many --descriptor" in text
+    assert "learns nothing from the collection" in cbir("fit", "-c", col, code=2)

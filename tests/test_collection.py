@@ -408,3 +408,24 @@ def test_relative_and_absolute_paths_name_the_same_image(colour_set, settings, m
         col.add(root / "red")
         assert len(col) == 5
         assert col.search(Path("red") / "00.png", k=1)[0].path == str(paths["red"][0].resolve())
+
+
+def test_late_fusion_merges_the_descriptors_rankings_by_reciprocal_rank(colour_set, settings):
+    root, paths = colour_set
+    query = paths["red"][0]
+    with _open(settings) as col:
+        col.add(root, descriptors=["color-hist", "lbp"], labels="folder")
+        n = len(col)
+        alone = {
+            d: [h.id for h in col.search(query, n, descriptor=d)] for d in ("color-hist", "lbp")
+        }
+        fused = col.search(query, 5, descriptor=["color-hist", "lbp"])
+        ids, scores = rrf_fuse(np.array([alone["color-hist"], alone["lbp"]]), 5)
+        assert [h.id for h in fused] == ids.tolist()
+        np.testing.assert_allclose([h.score for h in fused], scores)
+        assert fused[0].score == pytest.approx(2 / 61)  # the query itself is first in both
+        # one metric per descriptor, or none
+        with_metrics = col.search(query, 5, descriptor=["color-hist", "lbp"], metric=["l1", None])
+        assert len(with_metrics) == 5
+        with pytest.raises(ValueError, match="one metric per descriptor"):
+            col.search(query, 5, descriptor=["color-hist", "lbp"], metric=["l1"])

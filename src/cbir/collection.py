@@ -33,7 +33,7 @@ from cbir.features import (
 )
 from cbir.index import ExactIndex
 from cbir.metrics import get_metric
-from cbir.search import COMBINE_MODES, Hit, ranked_ids
+from cbir.search import COMBINE_MODES, RRF_DEPTH, Hit, ranked_ids, rrf_fuse
 from cbir.store import DescriptorRecord, ImageUpdate, Store, StoreError
 
 LABEL_SOURCES = ("folder",)
@@ -184,17 +184,18 @@ class Collection:
             matches = [d for d in held if d.spec == wanted]
         else:
             matches = [d for d in held if d.name == cls.name]
-        if len(matches) > 1 and not params:  # the name alone means its default parameters
-            matches = [d for d in matches if d.spec == create_descriptor(cls.name).spec]
-        if len(matches) == 1:
-            return matches[0]
-        have = ", ".join(d.spec for d in held)
+        if len(matches) > 1 and not params:
+            # the name alone means its default parameters, else the first added (a derived
+            # descriptor comes before the base it was computed from)
+            default = [d for d in matches if d.spec == create_descriptor(cls.name).spec]
+            matches = default or matches[:1]
         if not matches:
+            have = ", ".join(d.spec for d in held)
             raise ValueError(
                 f"the collection has no vectors for {spec!r}; it holds: {have}. "
                 f"Add them with: cbir index DIR --descriptor {spec}"
             )
-        raise ValueError(f"{spec!r} matches several descriptors ({have}); give its parameters")
+        return matches[0]
 
     # -- adding and removing -------------------------------------------------------------------
     def add(
@@ -447,8 +448,8 @@ class Collection:
         query: QueryLike | Sequence[QueryLike],
         k: int = 10,
         *,
-        descriptor: str | None = None,
-        metric: str | None = None,
+        descriptor: str | Sequence[str] | None = None,
+        metric: str | Sequence[str | None] | None = None,
         combine: str = "mean",
         exclude_queries: bool = False,
     ) -> list[Hit]:
@@ -456,16 +457,35 @@ class Collection:
         list of these combined by ``combine``: "mean", "min" or "rrf").
 
         ``descriptor`` defaults to the collection's first, ``metric`` to the descriptor's
-        default. ``exclude_queries`` leaves query images that are in the collection out.
+        default. Several descriptors (a list, with one metric each or None for their defaults)
+        are fused late: each ranks the collection, and the rankings are merged by reciprocal
+        rank fusion (scores are then RRF scores, higher is better). ``exclude_queries`` leaves
+        query images that are in the collection out.
         """
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
-        record = self.descriptor(descriptor)
-        metric_name = self._check_metric(record, metric)
-        vectors, query_ids = self.query_vectors(query, record)
-        index = self.index(record, metric_name)
-        exclude = np.asarray(query_ids, dtype=np.int64) if exclude_queries else None
-        ids, scores = ranked_ids(index, vectors, k, combine=combine, exclude=exclude)
+        specs = [descriptor] if descriptor is None or isinstance(descriptor, str) else descriptor
+        metrics = [metric] * len(specs) if metric is None or isinstance(metric, str) else metric
+        if not specs:
+            raise ValueError("give at least one descriptor")
+        if len(metrics) != len(specs):
+            raise ValueError(
+                f"give one metric per descriptor ({len(specs)}), or none; got {len(metrics)}"
+            )
+        rankings = []
+        for spec, m in zip(specs, metrics, strict=True):
+            record = self.descriptor(spec)
+            metric_name = self._check_metric(record, m)
+            vectors, query_ids = self.query_vectors(query, record)
+            index = self.index(record, metric_name)
+            exclude = np.asarray(query_ids, dtype=np.int64) if exclude_queries else None
+            depth = k if len(specs) == 1 else max(k, RRF_DEPTH)
+            rankings.append(ranked_ids(index, vectors, depth, combine=combine, exclude=exclude))
+        if len(rankings) == 1:
+            ids, scores = rankings[0]
+        else:
+            depth = min(len(r[0]) for r in rankings)
+            ids, scores = rrf_fuse(np.stack([r[0][:depth] for r in rankings]), k)
         return [
             Hit(rank=n + 1, id=r.id, path=r.path, score=float(s), label=r.label)
             for n, (r, s) in enumerate(zip(self.store.records(ids), scores, strict=True))

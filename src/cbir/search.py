@@ -10,6 +10,9 @@ A set of query images is combined in one of three ways, because users mean diffe
 - ``rrf``: reciprocal rank fusion of the queries' own rankings, score = sum 1 / (60 + rank)
   over each query's top ``depth`` (Cormack et al., 2009); robust when the distances of different
   queries are not comparable.
+
+The same fusion merges the rankings of several descriptors (late fusion, see
+``Collection.search``): their distances are not comparable at all, their ranks are.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from cbir.index import ExactIndex
 
 COMBINE_MODES = ("mean", "min", "rrf")
 RRF_K = 60
+#: How deep each ranking goes before reciprocal rank fusion (deeper ranks add < 1/1060 each).
+RRF_DEPTH = 1000
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def ranked_ids(
     *,
     combine: str = "mean",
     exclude: np.ndarray | None = None,
-    rrf_depth: int = 1000,
+    rrf_depth: int = RRF_DEPTH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ranked list ``(ids, scores)`` for a query set (scores: distances, or RRF scores)."""
     if combine not in COMBINE_MODES:

@@ -29,7 +29,11 @@ POOLINGS = ("gap", "gem", "max")
 _SMALL_FRACTION = 0.5
 
 
-def _check_common(model: str, size: int, precision: str, batch: int) -> None:
+#: Images per forward pass (it changes the speed, not the vectors, so it is no parameter).
+BATCH = 32
+
+
+def _check_common(model: str, size: int, precision: str) -> None:
     if model not in _backbone.MODELS:
         raise ValueError(f"model must be one of {', '.join(_backbone.MODELS)}, got {model!r}")
     check_positive_int("size", size, 32, 1024)
@@ -37,7 +41,6 @@ def _check_common(model: str, size: int, precision: str, batch: int) -> None:
         raise ValueError(
             f"precision must be one of {', '.join(_backbone.PRECISIONS)}, got {precision!r}"
         )
-    check_positive_int("batch", batch, 1, 1024)
 
 
 def _check_layers(layers: tuple[int, ...]) -> tuple[int, ...]:
@@ -77,7 +80,6 @@ class _DeepBase(Descriptor):
     size: int
     precision: str
     small_scale: int
-    batch: int
 
     @classmethod
     def missing_requirements(cls, params: dict[str, Any]) -> str | None:
@@ -90,14 +92,14 @@ class _DeepBase(Descriptor):
 
     def _stage_maps(self, images: Sequence[np.ndarray], stages: Sequence[int]) -> Any:
         """Yield ``(indices, feature maps of each stage)`` per group of images that share a
-        target side, ``batch`` images at a time."""
+        target side, ``BATCH`` images at a time."""
         arrays = [as_rgb_uint8(a) for a in images]
         sides = [target_side(a.shape[0], a.shape[1], self.size, self.small_scale) for a in arrays]
         for side in sorted(set(sides)):
             net = _backbone.backbone(self.model, side, self.precision)
             members = [i for i, s in enumerate(sides) if s == side]
-            for lo in range(0, len(members), self.batch):
-                idx = members[lo : lo + self.batch]
+            for lo in range(0, len(members), BATCH):
+                idx = members[lo : lo + BATCH]
                 squared = [_square(arrays[i], side) for i in idx]
                 yield idx, net.features(net.tensor(squared), stages)
 
@@ -135,10 +137,9 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         pca: int = 0,
         whiten: bool = False,
         precision: str = "bf16",
-        small_scale: int = 4,
-        batch: int = 32,
+        small_scale: int = 5,
     ) -> None:
-        _check_common(model, size, precision, batch)
+        _check_common(model, size, precision)
         if pool not in POOLINGS:
             raise ValueError(f"pool must be one of {', '.join(POOLINGS)}, got {pool!r}")
         if not 1.0 <= float(p) <= 16.0:
@@ -157,7 +158,6 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         self.whiten = bool(whiten)
         self.precision = precision
         self.small_scale = int(small_scale)
-        self.batch = int(batch)
         self._mean: list[np.ndarray] | None = None
         self._components: np.ndarray | None = None
         self._offset: np.ndarray | None = None
@@ -233,6 +233,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         self, vectors: np.ndarray, labels: Sequence[str | None] | None = None
     ) -> CNNEmbedding:
         vectors = np.asarray(vectors, dtype=np.float32)
+        self.fit_report_ = {"images": len(vectors)}
         self._mean = [b.mean(0) for b in self._split(vectors)] if self.center else None
         if self.pca:
             x = self._centred(vectors).astype(np.float64)
@@ -293,17 +294,15 @@ class CNNStatistics(_DeepBase):
         size: int = 224,
         layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7),
         precision: str = "bf16",
-        small_scale: int = 4,
-        batch: int = 32,
+        small_scale: int = 5,
     ) -> None:
-        _check_common(model, size, precision, batch)
+        _check_common(model, size, precision)
         check_positive_int("small_scale", small_scale, 0, 32)
         self.model = model
         self.size = int(size)
         self.layers = _check_layers(layers)
         self.precision = precision
         self.small_scale = int(small_scale)
-        self.batch = int(batch)
 
     @property
     def dim(self) -> int:
