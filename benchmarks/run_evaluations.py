@@ -73,12 +73,56 @@ RUNS = {
 }
 
 
+#: The deep descriptors (issue 3): the default `cnn` beside the naive recipe (head average-
+#: pooled at 224 px, no centring) and its variants, the multi-level and local-feature ones.
+NAIVE_CNN = "cnn:size=224,layers=7,center=false"
+DEEP_LOO = [
+    "cnn",
+    NAIVE_CNN,
+    "cnn:size=224",
+    "cnn:pool=gem",
+    "cnn:center=false",
+    "cnn-hist",
+    "bovw",
+    "bovw:detector=sift",
+    "fusion:parts=cnn[center=false]+color-regional,weights=3x1",
+]
+DEEP_RUNS = {
+    "dtd10-deep": dict(
+        data="dtd10",
+        queries=None,
+        metrics=["cosine", "euclidean"],
+        sample=None,
+        descriptors=[*DEEP_LOO, "cnn:precision=fp32"],
+        note="deep descriptors, leave-one-out, all queries",
+    ),
+    "coil100-deep": dict(
+        data="coil100",
+        queries=None,
+        metrics=["cosine", "euclidean"],
+        sample=1000,
+        descriptors=["cnn", NAIVE_CNN, "cnn-hist", "bovw"],
+        note="deep descriptors, leave-one-out, 1,000 random queries against all 7,098 images",
+    ),
+    "cifar-deep": dict(
+        data="cifar10/train",
+        queries="cifar10/test",
+        metrics=["cosine"],
+        sample=None,
+        descriptors=["cnn", NAIVE_CNN, "cnnp", "cnnp:output=hidden"],
+        note="deep descriptors: all 10,000 test images queried against the 50,000 training "
+        "images (rankings 1,000 deep); cnnp trained on the training labels",
+    ),
+}
+RUNS.update(DEEP_RUNS)
+
+
 def run(name: str) -> dict:
     spec = RUNS[name]
     out = WORK / f"eval-{name}"
     queries = dataset(spec["queries"]) if spec["queries"] else None
     config = GridConfig(
-        descriptors=DEFAULT_DESCRIPTORS,
+        descriptors=spec.get("descriptors", DEFAULT_DESCRIPTORS),
         metrics=spec["metrics"],
         sample_queries=spec["sample"],
         map_k=100,

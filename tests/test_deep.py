@@ -272,3 +272,23 @@ def test_grid_fits_derived_descriptors_on_the_collection():
     )
     (combo,) = result.combinations
     assert combo.summary["MAP"] > 0.8
+
+
+@deep
+def test_collection_trains_cnnp_on_its_labels_and_records_the_class_count(tmp_path):
+    arrays, labels = labelled_views(4)
+    paths = _write(tmp_path / "images", arrays, labels)
+    spec = "cnnp:size=64,epochs=40"
+    settings = Settings(collection=tmp_path / "col", workers=1)
+    with Collection(settings=settings) as col:
+        report = col.add(tmp_path / "images", descriptors=[spec], labels="folder")
+        fit = next(iter(report.fitted.values()))
+        assert fit["classes"] == 5 and 0.0 <= fit["heldout_accuracy"] <= 1.0
+        record = col.descriptor("cnnp")
+        assert record.dim == 5  # learned by the fit (0 when registered)
+        assert col.store.vector_count(record.id) == len(paths)
+        _, probs = col.vectors("cnnp")
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
+        assert sorted(col.instance(record).classes_) == sorted(set(labels))
+        hits = col.search(paths[0], k=3, descriptor="cnnp", exclude_queries=True)
+        assert [h.label for h in hits].count(labels[0]) >= 2

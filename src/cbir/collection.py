@@ -404,6 +404,8 @@ class Collection:
                     continue  # changed or gone since it was indexed: fit on the others
             d.fit(arrays, labels if d.needs_labels else None)
         self.store.save_state(record.id, d.get_state())
+        if d.dim != record.dim:  # learned by the fit, e.g. cnnp's number of classes
+            self.store.set_dim(record.id, d.dim)
         return dict(getattr(d, "fit_report_", {}) or {})
 
     def _complete_derived(self) -> None:

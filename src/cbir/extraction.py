@@ -71,8 +71,10 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["CBIR_WORKER"] = "1"  # read by the deep backbones: one PyTorch thread each
     import cv2
+    from threadpoolctl import threadpool_limits
 
     cv2.setNumThreads(1)
+    threadpool_limits(1)  # NumPy's BLAS too (bovw's word assignment, cnnp's head)
 
 
 def _read(path: str) -> tuple[bytes, os.stat_result]:

@@ -592,6 +592,15 @@ class Store:
             os.replace(tmp, path)
         self.compact(descriptor_id)
 
+    def set_dim(self, descriptor_id: int, dim: int) -> None:
+        """Record a vector length learned by fitting (e.g. cnnp's class count); vectors of the
+        old length are dropped."""
+        self._require_lock()
+        with self._transaction() as db:
+            db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+            db.execute("UPDATE descriptors SET dim = ? WHERE id = ?", (int(dim), descriptor_id))
+        self.compact(descriptor_id)
+
     def load_state(self, descriptor_id: int) -> dict[str, np.ndarray] | None:
         """What a fitted descriptor learned, or None if it was never fitted."""
         path = self._state_path(descriptor_id)
