@@ -245,3 +245,32 @@ def test_sampled_queries_score_as_in_the_full_run(colour_set, tmp_path, settings
         assert ap == pytest.approx(whole[q])
     expected = np.mean([whole[q] for q in sampled])
     assert part.combinations[0].summary["MAP"] == pytest.approx(expected)
+
+
+def test_grid_fits_image_descriptors_on_the_collection_and_refuses_label_leaks(settings):
+    from skimage import data as skdata
+
+    from cbir.evaluation.datasets import LabelledSet
+
+    rng = np.random.default_rng(0)
+    sources = {"brick": skdata.brick(), "grass": skdata.grass(), "gravel": skdata.gravel()}
+    items, labels = [], []
+    for name, image in sources.items():
+        for _ in range(5):
+            y, x = rng.integers(0, image.shape[0] - 160, size=2)
+            items.append(np.ascontiguousarray(image[y : y + 160, x : x + 160]))
+            labels.append(frozenset({name}))
+    data_set = LabelledSet(
+        name="textures", items=items, labels=labels, ids=[str(i) for i in range(len(items))]
+    )
+    queries = data_set.subset(range(0, len(items), 5))
+    config = GridConfig(descriptors=["bovw:words=24"], metrics=["cosine"])
+    loo = run_grid(data_set, None, config, settings=settings)
+    assert loo.combinations[0].summary["MAP"] > 0.6  # chance is about 0.29
+    against = run_grid(data_set, queries, config, settings=settings)
+    assert against.combinations[0].summary["P@10"] > 0.4
+    from cbir.features._backbone import missing_requirements
+
+    if missing_requirements() is None:  # cnnp needs the deep extra
+        with pytest.raises(ValueError, match="learns from the labels it would be scored on"):
+            run_grid(data_set, None, GridConfig(descriptors=["cnnp"]), settings=settings)

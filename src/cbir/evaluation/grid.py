@@ -273,32 +273,36 @@ def run_grid(
         collection, extract_specs, settings=settings, cache_dir=cache_dir, progress=progress
     )
     states: dict[str, str] = {}
+
+    def add_fitted(data: LabelledSet, extracted: tuple) -> tuple:
+        """The extraction result with the descriptors fitted on images added to it."""
+        if not from_images:
+            return extracted
+        feats, ok, skipped_, seconds_ = extracted
+        fitted, ok_f, skipped_f, seconds_f = extract_features(
+            data, from_images, settings=settings, progress=progress, states=states
+        )
+        return {**feats, **fitted}, ok & ok_f, skipped_ + skipped_f, seconds_ + seconds_f
+
     with tempfile.TemporaryDirectory(prefix="cbir-fit-") as state_dir:
         if from_images:
             seconds += _fit_on_images(collection, ok_c, from_images, settings, state_dir, states)
-            fitted, ok_f, skipped_f, seconds_f = extract_features(
-                collection, from_images, settings=settings, progress=progress, states=states
-            )
-            feats_c.update(fitted)
-            ok_c &= ok_f
-            skipped += skipped_f
-            seconds += seconds_f
+        feats_c, ok_c, skipped, seconds = add_fitted(collection, (feats_c, ok_c, skipped, seconds))
         if loo:
             feats_q, ok_q = feats_c, ok_c
             query_set = collection
         else:
             assert queries is not None
-            feats_q, ok_q, skipped_q, seconds_q = extract_features(
-                queries, extract_specs, settings=settings, cache_dir=cache_dir, progress=progress
+            feats_q, ok_q, skipped_q, seconds_q = add_fitted(
+                queries,
+                extract_features(
+                    queries,
+                    extract_specs,
+                    settings=settings,
+                    cache_dir=cache_dir,
+                    progress=progress,
+                ),
             )
-            if from_images:
-                fitted, ok_f, skipped_f, seconds_f = extract_features(
-                    queries, from_images, settings=settings, progress=progress, states=states
-                )
-                feats_q.update(fitted)
-                ok_q &= ok_f
-                skipped_q += skipped_f
-                seconds_q += seconds_f
             skipped += skipped_q
             seconds += seconds_q
             query_set = queries
