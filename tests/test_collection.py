@@ -429,3 +429,20 @@ def test_late_fusion_merges_the_descriptors_rankings_by_reciprocal_rank(colour_s
         assert len(with_metrics) == 5
         with pytest.raises(ValueError, match="one metric per descriptor"):
             col.search(query, 5, descriptor=["color-hist", "lbp"], metric=["l1"])
+
+
+def test_query_expansion_searches_again_with_the_query_averaged_with_its_top_results(
+    colour_set, settings
+):
+    root, paths = colour_set
+    query = paths["red"][1]
+    with _open(settings) as col:
+        col.add(root, descriptors=["color-hist"])
+        record = col.descriptor()
+        q = col.query_vectors(str(query), record)[0]
+        top = [h.id for h in col.search(query, 3)]
+        expanded = np.vstack([q, col.store.vectors_for(record.id, top)]).mean(0)
+        want = [h.id for h in col.search(expanded, 5)]
+        assert [h.id for h in col.search(query, 5, expand=3)] == want
+        with pytest.raises(ValueError, match=r"expand must be an integer in 0\.\.100"):
+            col.search(query, 5, expand=-1)

@@ -274,3 +274,17 @@ def test_grid_fits_image_descriptors_on_the_collection_and_refuses_label_leaks(s
     if missing_requirements() is None:  # cnnp needs the deep extra
         with pytest.raises(ValueError, match="learns from the labels it would be scored on"):
             run_grid(data_set, None, GridConfig(descriptors=["cnnp"]), settings=settings)
+
+
+def test_rank_with_query_expansion_equals_searching_with_the_averaged_queries():
+    from cbir.evaluation.grid import rank
+
+    rng = np.random.default_rng(3)
+    C = rng.normal(size=(40, 6))
+    Q = C[:5] + rng.normal(0, 0.1, size=(5, 6))
+    self_index = np.arange(5)
+    ranked, _, _ = rank("cosine", Q, C, 10, self_index=self_index, expand=3)
+    first, _, _ = rank("cosine", Q, C, 3, self_index=self_index)
+    averaged = (Q + C[first].sum(axis=1)) / 4
+    again, _, _ = rank("cosine", averaged, C, 10, self_index=self_index)
+    np.testing.assert_array_equal(ranked, again)

@@ -33,7 +33,7 @@ from cbir.features import (
 )
 from cbir.index import ExactIndex
 from cbir.metrics import get_metric
-from cbir.search import COMBINE_MODES, RRF_DEPTH, Hit, ranked_ids, rrf_fuse
+from cbir.search import COMBINE_MODES, RRF_DEPTH, Hit, expand_query, ranked_ids, rrf_fuse
 from cbir.store import DescriptorRecord, ImageUpdate, Store, StoreError
 
 LABEL_SOURCES = ("folder",)
@@ -454,6 +454,7 @@ class Collection:
         metric: str | Sequence[str | None] | None = None,
         combine: str = "mean",
         exclude_queries: bool = False,
+        expand: int = 0,
     ) -> list[Hit]:
         """The ``k`` images closest to the query (an image path, encoded bytes, a vector, or a
         list of these combined by ``combine``: "mean", "min" or "rrf").
@@ -462,8 +463,13 @@ class Collection:
         default. Several descriptors (a list, with one metric each or None for their defaults)
         are fused late: each ranks the collection, and the rankings are merged by reciprocal
         rank fusion (scores are then RRF scores, higher is better). ``exclude_queries`` leaves
-        query images that are in the collection out.
+        query images that are in the collection out. ``expand=K`` re-searches with the query
+        averaged with its top K results (average query expansion, see ``cbir.search``).
         """
+        if not isinstance(expand, int) or isinstance(expand, bool) or not 0 <= expand <= 100:
+            raise ValueError(
+                f"expand must be an integer in 0..100 (results averaged), got {expand!r}"
+            )
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
         specs = [descriptor] if descriptor is None or isinstance(descriptor, str) else descriptor
@@ -482,6 +488,9 @@ class Collection:
             index = self.index(record, metric_name)
             exclude = np.asarray(query_ids, dtype=np.int64) if exclude_queries else None
             depth = k if len(specs) == 1 else max(k, RRF_DEPTH)
+            if expand:
+                top, _ = ranked_ids(index, vectors, expand, combine=combine, exclude=exclude)
+                vectors = expand_query(vectors, self.store.vectors_for(record.id, top.tolist()))
             rankings.append(ranked_ids(index, vectors, depth, combine=combine, exclude=exclude))
         if len(rankings) == 1:
             ids, scores = rankings[0]

@@ -54,6 +54,9 @@ class GridConfig:
     #: evaluate only this many (seeded random) queries; None = all
     sample_queries: int | None = None
     seed: int = 0
+    #: average query expansion: each query searches again averaged with its top ``expand``
+    #: results (0 = off); reported as metric "<name>+qe<k>"
+    expand: int = 0
     #: ranked results kept per query for mosaics and TREC runs (the measures see the full
     #: ranking; keeping all of it for every combination would cost gigabytes)
     keep: int = 100
@@ -204,11 +207,13 @@ def rank(
     *,
     self_index: np.ndarray | None = None,
     block: int = 256,
+    expand: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top ``depth`` collection indices and distances per query, and seconds per query.
 
     ``self_index[i]`` (leave-one-out) is the collection index of query ``i``, which is removed
     from its own ranking. Ties are broken by collection index, so results are reproducible.
+    ``expand`` > 0 ranks again with each query averaged with its top ``expand`` results.
     """
     m = get_metric(metric)
     PC = m.prepare(as_matrix(collection))
@@ -217,10 +222,14 @@ def rank(
     ranked = np.empty((len(queries), depth), dtype=np.int64)
     dists = np.empty((len(queries), depth))
     started = time.perf_counter()
+    C = as_matrix(collection) if expand else None
     for lo in range(0, len(queries), block):
-        D = m.compare(m.prepare(as_matrix(queries[lo : lo + block])), PC)
-        if self_index is not None:
-            D[np.arange(len(D)), self_index[lo : lo + block]] = np.inf
+        Q = as_matrix(queries[lo : lo + block])
+        D = _distances(m, Q, PC, self_index, lo, block)
+        if C is not None:  # average query expansion, vectorised over the whole block
+            near = np.argpartition(D, min(expand, n) - 1, axis=1)[:, :expand]
+            Q = (Q + C[near].sum(axis=1)) / (1 + near.shape[1])
+            D = _distances(m, Q, PC, self_index, lo, block)
         if depth < n // 2:
             part = np.argpartition(D, depth - 1, axis=1)[:, :depth]
             part_d = np.take_along_axis(D, part, axis=1)
@@ -232,6 +241,16 @@ def rank(
         dists[lo : lo + block] = np.take_along_axis(D, top, axis=1)
     per_query = (time.perf_counter() - started) / max(1, len(queries))
     return ranked, dists, per_query
+
+
+def _distances(
+    m: Any, Q: np.ndarray, PC: Any, self_index: np.ndarray | None, lo: int, block: int
+) -> np.ndarray:
+    """Distances of a block of queries to the collection, each query's own row excluded."""
+    D = m.compare(m.prepare(Q), PC)
+    if self_index is not None:
+        D[np.arange(len(D)), self_index[lo : lo + block]] = np.inf
+    return D
 
 
 # -- the whole grid ----------------------------------------------------------------------------
@@ -358,6 +377,7 @@ def run_grid(
             feats_c[spec][coll_index],
             depth,
             self_index=self_pos,
+            expand=config.expand,
         )
         rel = relevance.matrix(q_local, ranked)
         ap = average_precision(rel, n_relevant)
@@ -365,7 +385,7 @@ def run_grid(
         combos.append(
             Combination(
                 descriptor=spec.split(":")[0] if _is_default(spec) else spec,
-                metric=metric,
+                metric=f"{metric}+qe{config.expand}" if config.expand else metric,
                 summary=summarise(rel, n_relevant, ks=tuple(config.ks), map_k=config.map_k),
                 curve11=mean_over_queries(interpolated_precision_11(rel, n_relevant))[0],
                 # queries with nothing relevant are left out, as in summarise
