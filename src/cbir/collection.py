@@ -151,7 +151,7 @@ class Collection:
         return {
             d.spec: str(self.store.root / "models" / f"{d.id}.npz")
             for d in self.descriptors
-            if self.store.load_state(d.id) is not None
+            if self.store.has_state(d.id)
         }
 
     def _worker_specs(self) -> tuple[str, ...]:
@@ -162,7 +162,7 @@ class Collection:
             obj = create_descriptor(d.spec)
             if _derives(obj):
                 continue
-            if obj.requires_fit and self.store.load_state(d.id) is None:
+            if obj.requires_fit and not self.store.has_state(d.id):
                 continue
             out.append(d.spec)
         return tuple(out)
@@ -372,7 +372,7 @@ class Collection:
         from_images = False
         for record in self.descriptors:
             d = create_descriptor(record.spec)
-            if d.requires_fit and self.store.load_state(record.id) is None:
+            if d.requires_fit and not self.store.has_state(record.id):
                 report.fitted[record.spec] = self._fit_one(record)
                 from_images |= not _derives(d)
         return from_images
@@ -413,7 +413,7 @@ class Collection:
         vectors but not theirs (new images, or all of them after a fit), block by block."""
         for record in self.descriptors:
             d = create_descriptor(record.spec)
-            if not _derives(d) or self.store.load_state(record.id) is None:
+            if not _derives(d) or not self.store.has_state(record.id):
                 continue
             d = self.instance(record)
             base = self.descriptor(d.base.spec)
@@ -604,6 +604,7 @@ class Collection:
                     "dim": d.dim,
                     "default_metric": d.metric,
                     "vectors": vec_counts.get(d.id, 0),
+                    "fitted_on_collection": self.store.has_state(d.id),
                 }
                 for d in self.descriptors
             ],

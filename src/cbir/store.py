@@ -601,6 +601,10 @@ class Store:
             db.execute("UPDATE descriptors SET dim = ? WHERE id = ?", (int(dim), descriptor_id))
         self.compact(descriptor_id)
 
+    def has_state(self, descriptor_id: int) -> bool:
+        """Whether a descriptor was fitted on this collection."""
+        return self._state_path(descriptor_id).exists()
+
     def load_state(self, descriptor_id: int) -> dict[str, np.ndarray] | None:
         """What a fitted descriptor learned, or None if it was never fitted."""
         path = self._state_path(descriptor_id)
