@@ -23,7 +23,7 @@ DEFAULT_DESCRIPTORS: tuple[str, ...] = (
 def default_descriptors() -> tuple[str, ...]:
     """What a new collection extracts when the user names nothing: ``CBIR_DESCRIPTORS``
     (specs separated by spaces) if set; else the hand-crafted set, led by ``cnn`` (the best
-    descriptor on real photos, see docs/results.md) when the deep extra is installed."""
+    descriptor on real photos, see docs/deep.md) when the deep extra is installed."""
     chosen = os.environ.get("CBIR_DESCRIPTORS", "").split()
     if chosen:
         return tuple(chosen)

@@ -2,7 +2,7 @@
 (per-channel statistics of feature maps at several depths).
 
 Both run EfficientNet-Lite (see ``_backbone``) in batches. What ``cnn`` does by default is what
-measured best on real data (docs/results.md): the last three stages of the network, each
+measured best on real data (docs/deep.md): the last three stages of the network, each
 average-pooled and L2-normalised, centred on the collection's mean and concatenated. Centring
 is learned from the collection (``center=true``), so a collection stores the raw vectors too and
 derives the centred ones from them; ``pca=`` and ``whiten=`` reduce and whiten the same way.
@@ -58,7 +58,7 @@ def target_side(height: int, width: int, size: int, small_scale: int) -> int:
 
     Photos go to ``size``. Tiny images (CIFAR's 32 px) are enlarged ``small_scale`` times
     instead, to a multiple of 32 (the network's stride), never past ``size``: enlarging 32 px
-    to 224 px costs 12x the compute for no better retrieval (docs/results.md).
+    to 224 px costs 12x the compute for no better retrieval (docs/deep.md).
     """
     side = max(height, width)
     if side >= _SMALL_FRACTION * size or small_scale <= 0:
