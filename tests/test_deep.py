@@ -292,3 +292,10 @@ def test_collection_trains_cnnp_on_its_labels_and_records_the_class_count(tmp_pa
         assert sorted(col.instance(record).classes_) == sorted(set(labels))
         hits = col.search(paths[0], k=3, descriptor="cnnp", exclude_queries=True)
         assert [h.label for h in hits].count(labels[0]) >= 2
+
+
+@deep
+def test_the_channel_table_matches_the_loaded_network():
+    from cbir.features.cnn import STAGE_CHANNELS
+
+    assert _backbone.backbone("lite0", 64, "bf16").stages.channels == STAGE_CHANNELS["lite0"]

@@ -418,10 +418,14 @@ class Collection:
             d = self.instance(record)
             base = self.descriptor(d.base.spec)
             todo = self.store.ids_without(record.id, having=base.id)
-            for lo in range(0, len(todo), self.settings.block_rows):
-                ids = todo[lo : lo + self.settings.block_rows]
-                vectors = self.store.vectors_for(base.id, ids)
-                self.store.write_vectors(record.id, ids, d.transform_vectors(vectors))
+            if not len(todo):
+                continue
+            # stream the base's vectors (one read per block, not one query per image)
+            for ids, block in self.store.iter_vector_blocks(base.id, self.settings.block_rows):
+                wanted = np.isin(ids, todo)
+                if wanted.any():
+                    vectors = d.transform_vectors(block[wanted])
+                    self.store.write_vectors(record.id, ids[wanted], vectors)
             self.store.compact(record.id)
 
     def remove(self, paths: Iterable[str | os.PathLike[str]] = (), *, missing: bool = False) -> int:

@@ -409,10 +409,7 @@ class Store:
                             (u.path,),
                         )
                 for record, file, paths in staged:
-                    seg = db.execute(
-                        "INSERT INTO segments (descriptor_id, file, rows) VALUES (?, ?, ?)",
-                        (record.id, file, len(paths)),
-                    ).lastrowid
+                    seg = _insert_segment(db, record.id, file, len(paths))
                     db.executemany(
                         "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
                         "SELECT ?, id, ?, ? FROM images WHERE path = ?",
@@ -546,10 +543,7 @@ class Store:
         file = self._write_segment(descriptor_id, matrix)
         try:
             with self._transaction() as db:
-                seg = db.execute(
-                    "INSERT INTO segments (descriptor_id, file, rows) VALUES (?, ?, ?)",
-                    (descriptor_id, file, len(image_ids)),
-                ).lastrowid
+                seg = _insert_segment(db, descriptor_id, file, len(image_ids))
                 db.executemany(
                     "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
                     "VALUES (?, ?, ?, ?)",
@@ -641,10 +635,7 @@ class Store:
         new_file, ids = self._rewrite_live_rows(descriptor_id, live)
         with self._transaction() as db:
             if new_file is not None:
-                seg = db.execute(
-                    "INSERT INTO segments (descriptor_id, file, rows) VALUES (?, ?, ?)",
-                    (descriptor_id, new_file, len(ids)),
-                ).lastrowid
+                seg = _insert_segment(db, descriptor_id, new_file, len(ids))
                 db.executemany(
                     "UPDATE vectors SET segment_id = ?, row = ? "
                     "WHERE descriptor_id = ? AND image_id = ?",
@@ -654,3 +645,12 @@ class Store:
         for s in segs:
             self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
         return True
+
+
+def _insert_segment(db: sqlite3.Connection, descriptor_id: int, file: str, rows: int) -> int:
+    """Record a segment file inside the caller's transaction; returns its id."""
+    cur = db.execute(
+        "INSERT INTO segments (descriptor_id, file, rows) VALUES (?, ?, ?)",
+        (descriptor_id, file, rows),
+    )
+    return int(cur.lastrowid or 0)

@@ -29,6 +29,12 @@ POOLINGS = ("gap", "gem", "max")
 _SMALL_FRACTION = 0.5
 
 
+#: Channels after each stage (0-6: the MBConv stages, 7: the head) of each model.
+STAGE_CHANNELS = {
+    "lite0": (16, 24, 40, 80, 112, 192, 320, 1280),
+    "lite1": (16, 24, 40, 80, 112, 192, 320, 1280),
+    "lite2": (16, 24, 48, 88, 120, 208, 352, 1280),
+}
 #: Images per forward pass (it changes the speed, not the vectors, so it is no parameter).
 BATCH = 32
 
@@ -166,10 +172,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     # -- what it produces ---------------------------------------------------------------------
     @property
     def block_dims(self) -> list[int]:
-        channels = (16, 24, 40, 80, 112, 192, 320, 1280)
-        if self.model == "lite2":
-            channels = (16, 24, 48, 88, 120, 208, 352, 1280)
-        return [channels[s] for s in self.layers]
+        return [STAGE_CHANNELS[self.model][s] for s in self.layers]
 
     @property
     def raw_dim(self) -> int:
@@ -271,8 +274,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         if self.center:
             if "mean" not in state or state["mean"].shape != (self.raw_dim,):
                 raise ValueError(f"saved state does not fit descriptor {self.spec}")
-            self._mean = self._split(state["mean"][None, :])
-            self._mean = [m[0] for m in self._mean]
+            self._mean = [m[0] for m in self._split(state["mean"][None, :])]
         if self.pca:
             self._components = state["components"]
             self._offset = state["offset"]
@@ -306,10 +308,7 @@ class CNNStatistics(_DeepBase):
 
     @property
     def dim(self) -> int:
-        channels = (16, 24, 40, 80, 112, 192, 320, 1280)
-        if self.model == "lite2":
-            channels = (16, 24, 48, 88, 120, 208, 352, 1280)
-        return sum(2 * channels[s] for s in self.layers)
+        return sum(2 * STAGE_CHANNELS[self.model][s] for s in self.layers)
 
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self.dim), dtype=np.float32)
