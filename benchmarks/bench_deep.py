@@ -95,7 +95,7 @@ def main(limit: int | None = None) -> str:
     for name in SETS:
         files = image_files(dataset(name), limit)
         for precision in ("bf16", "fp32"):
-            spec = create_descriptor("cnn", center=False, precision=precision).spec
+            spec = create_descriptor("cnn", center=False, augment=0, precision=precision).spec
             arrays = _arrays(files, spec)
             alone = network_alone(spec, arrays)
             steady, whole = pipeline(spec, files)

@@ -74,18 +74,20 @@ RUNS = {
 
 
 #: The deep descriptors (issue 3): the default `cnn` beside the naive recipe (head average-
-#: pooled at 224 px, no centring) and its variants, the multi-level and local-feature ones.
-NAIVE_CNN = "cnn:size=224,layers=7,center=false"
+#: pooled at 224 px, no centring, no augmentation) and its variants, the multi-level and
+#: local-feature ones.
+NAIVE_CNN = "cnn:size=224,layers=7,center=false,augment=0"
 DEEP_LOO = [
     "cnn",
     NAIVE_CNN,
     "cnn:size=224",
     "cnn:pool=gem",
-    "cnn:center=false",
+    "cnn:augment=0",
+    "cnn:center=false,augment=0",
     "cnn-hist",
     "bovw",
     "bovw:detector=sift",
-    "fusion:parts=cnn[center=false]+color-regional,weights=3x1",
+    "fusion:parts=cnn[center=false;augment=0]+color-regional,weights=3x1",
 ]
 DEEP_RUNS = {
     "dtd10-deep": dict(
@@ -101,7 +103,14 @@ DEEP_RUNS = {
         queries=None,
         metrics=["cosine", "euclidean"],
         sample=1000,
-        descriptors=["cnn", NAIVE_CNN, "cnn-hist", "bovw"],
+        descriptors=[
+            "cnn",
+            "cnn:augment=0",
+            NAIVE_CNN,
+            "cnn-hist",
+            "bovw",
+            "fusion:parts=cnn[center=false;augment=0]+color-hist",
+        ],
         note="deep descriptors, leave-one-out, 1,000 random queries against all 7,098 images",
     ),
     "cifar-deep": dict(
@@ -109,7 +118,7 @@ DEEP_RUNS = {
         queries="cifar10/test",
         metrics=["cosine"],
         sample=None,
-        descriptors=["cnn", NAIVE_CNN, "cnnp", "cnnp:output=hidden"],
+        descriptors=["cnn", "cnn:augment=0", NAIVE_CNN, "cnnp", "cnnp:output=hidden"],
         note="deep descriptors: all 10,000 test images queried against the 50,000 training "
         "images (rankings 1,000 deep); cnnp trained on the training labels",
     ),

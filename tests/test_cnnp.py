@@ -82,7 +82,7 @@ def test_listed_with_defaults_and_spec_round_trip() -> None:
     assert d.dim == 64 and d.default_metric == "cosine" and d.layers == (5, 6, 7)
     assert CNNProbabilities.default_metric == "hellinger"
     assert type(d).param_defaults()["output"] == "proba"
-    raw = get_descriptor_class("cnn")(center=False, pca=0, whiten=False)
+    raw = get_descriptor_class("cnn")(center=False, pca=0, whiten=False, augment=0)
     assert d.base_spec == raw.spec and not raw.requires_fit  # the stateless raw embedding
     assert get_descriptor_class("cnn-proba") is CNNProbabilities
     assert metric_applies(CNNProbabilities, "hellinger") and metric_applies(d, "js")

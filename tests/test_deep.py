@@ -110,19 +110,21 @@ def test_target_side_keeps_photos_and_enlarges_tiny_images_less():
 # -- the descriptors -------------------------------------------------------------------------
 @deep
 def test_raw_cnn_vectors_are_normalised_blocks_and_deterministic():
-    d = create_descriptor(SMALL, center=False)
+    d = create_descriptor(SMALL, center=False, augment=0)
     assert not d.requires_fit and d.dim == 192 + 320 + 1280
     arrays, _ = labelled_views(2)
     X = d.transform(arrays)
     assert X.shape == (len(arrays), d.dim) and X.dtype == np.float32
     for lo, hi in ((0, 192), (192, 512), (512, 1792)):
         np.testing.assert_allclose(np.linalg.norm(X[:, lo:hi], axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(X, create_descriptor(SMALL, center=False).transform(arrays))
+    np.testing.assert_array_equal(
+        X, create_descriptor(SMALL, center=False, augment=0).transform(arrays)
+    )
 
 
 @deep
 def test_cnn_sees_the_same_photo_through_flips_crops_and_brightness():
-    d = create_descriptor(SMALL, center=False)
+    d = create_descriptor(SMALL, center=False, augment=0)
     rng = np.random.default_rng(1)
     image = photos()["coffee"]
     same = d.transform([*views(image, rng, 3), image[:, ::-1].copy()])
@@ -134,7 +136,9 @@ def test_cnn_sees_the_same_photo_through_flips_crops_and_brightness():
 
 
 @deep
-@pytest.mark.parametrize("spec", [SMALL, "cnn:size=96,center=false,pool=gem", "cnn-hist:size=64"])
+@pytest.mark.parametrize(
+    "spec", [SMALL, "cnn:size=96,center=false,augment=0,pool=gem", "cnn-hist:size=64"]
+)
 def test_views_of_a_photo_retrieve_each_other(spec):
     arrays, labels = labelled_views(4)
     d = create_descriptor(spec)
@@ -151,8 +155,8 @@ def test_views_of_a_photo_retrieve_each_other(spec):
 @deep
 def test_bf16_stays_close_to_fp32():
     arrays, _ = labelled_views(1)
-    a = create_descriptor(SMALL, center=False, precision="bf16").transform(arrays)
-    b = create_descriptor(SMALL, center=False, precision="fp32").transform(arrays)
+    a = create_descriptor(SMALL, center=False, augment=0, precision="bf16").transform(arrays)
+    b = create_descriptor(SMALL, center=False, augment=0, precision="fp32").transform(arrays)
     cos = (a * b).sum(1) / 3
     assert cos.min() > 0.97
     assert not np.array_equal(a, b)  # the precision really changed
@@ -163,7 +167,8 @@ def test_centring_state_round_trips_and_pca_whitening_reduces():
     arrays, _ = labelled_views(4)
     d = create_descriptor(SMALL).fit(arrays)
     state = d.get_state()
-    assert set(state) == {"mean"} and state["mean"].shape == (1792,)
+    assert set(state) == {"mean", "reference"} and state["mean"].shape == (1792,)
+    assert state["reference"].shape == (len(arrays), 1792)  # augmentation's neighbours
     again = create_descriptor(SMALL)
     assert not again.fitted
     with pytest.raises(ValueError, match="must be fitted"):
@@ -171,7 +176,7 @@ def test_centring_state_round_trips_and_pca_whitening_reduces():
     again.set_state(state)
     np.testing.assert_array_equal(again.transform(arrays), d.transform(arrays))
     # centring on the set's mean: the blocks of the set average to about zero before renorm
-    raw = create_descriptor(SMALL, center=False).transform(arrays)
+    raw = create_descriptor(SMALL, center=False, augment=0).transform(arrays)
     np.testing.assert_allclose(d.transform_vectors(raw), d.transform(arrays), atol=1e-6)
 
     w = create_descriptor(f"{SMALL},pca=8,whiten=true").fit(arrays)
@@ -216,7 +221,7 @@ def test_collection_fits_cnn_keeps_the_state_and_extends_it(tmp_path):
         assert SMALL.split(":")[0] in next(iter(report.fitted))
         fitted, base = col.descriptors
         assert fitted.spec == create_descriptor(SMALL).spec and col.descriptor() == fitted
-        assert base.spec == create_descriptor(SMALL, center=False).spec
+        assert base.spec == create_descriptor(SMALL, center=False, augment=0).spec
         state = col.store.load_state(fitted.id)
         _, raw = col.store.load_vectors(base.id)
         expect = create_descriptor(SMALL).fit_vectors(raw).get_state()

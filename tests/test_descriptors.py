@@ -127,7 +127,9 @@ def test_batch_shape_dtype_and_determinism(name: str) -> None:
     for row, image in zip(X, images, strict=True):
         one = d.transform_one(image)
         assert one.shape == (d.dim,) and one.dtype == np.float32
-        np.testing.assert_array_equal(one, row)
+        # the same vector alone as in a batch, up to the last bits of a matrix product (BLAS
+        # splits one row and three rows differently; cnn's neighbour search is one)
+        np.testing.assert_allclose(one, row, rtol=0, atol=1e-6)
     assert not np.array_equal(X[0], X[1]), "different images should not give the same vector"
     if d.nonnegative:
         assert (X >= 0).all()

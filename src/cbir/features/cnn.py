@@ -3,9 +3,10 @@
 
 Both run EfficientNet-Lite (see ``_backbone``) in batches. What ``cnn`` does by default is what
 measured best on real data (docs/deep.md): the last three stages of the network, each
-average-pooled and L2-normalised, centred on the collection's mean and concatenated. Centring
-is learned from the collection (``center=true``), so a collection stores the raw vectors too and
-derives the centred ones from them; ``pca=`` and ``whiten=`` reduce and whiten the same way.
+average-pooled and L2-normalised, centred on the collection's mean and concatenated, then
+augmented with its nearest neighbours in the collection. Both steps are learned from the
+collection, so a collection stores the raw vectors too and derives the final ones from them;
+``pca=`` and ``whiten=`` reduce and whiten the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
+from scipy import sparse
 
 from cbir.features import _backbone
 from cbir.features.base import DerivedDescriptor, Descriptor
@@ -37,6 +39,14 @@ STAGE_CHANNELS = {
 }
 #: Images per forward pass (it changes the speed, not the vectors, so it is no parameter).
 BATCH = 32
+#: Neighbourhood augmentation looks for neighbours among at most this many collection images
+#: (a random sample beyond it), so its cost per image stays bounded on big collections: about
+#: 0.2 GFLOP per image, a few percent of the network's forward pass.
+AUGMENT_REFERENCE_MAX = 50_000
+#: Vectors augmented at a time (bounds the query x reference similarity block in memory).
+_AUGMENT_ROWS = 1024
+#: A reference vector this similar (cosine) to the one being augmented is the image itself.
+_SELF_COSINE = 1.0 - 1e-4
 
 
 def _check_common(model: str, size: int, precision: str) -> None:
@@ -126,6 +136,15 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     is L2-normalised. With ``center`` (the default), each block is centred on the collection's
     mean and normalised again, learned when the collection is indexed; ``pca`` keeps that many
     principal components of the collection and ``whiten`` divides them by their spread.
+
+    ``augment=K`` (neighbourhood augmentation, "database-side augmentation" in Arandjelović &
+    Zisserman 2012, Gordo et al. 2017) adds to each vector its ``K`` nearest neighbours among
+    the collection's vectors, weighted by their cosine similarity to the power ``alpha``
+    (Radenović et al.'s alpha-weighting, which keeps the far ones from counting much). Images
+    of one kind then share their neighbours' features and move together; queries get the same
+    step, against the same fitted neighbours. It lifts class-level retrieval (dtd10 MAP 0.57 to
+    0.65, COIL-100 0.87 to 0.91) and costs a little where an image has only one or two of its
+    kind in the collection (about -0.03 MAP there; ``augment=0`` turns it off; docs/deep.md).
     """
 
     name = "cnn"
@@ -144,6 +163,8 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         whiten: bool = False,
         precision: str = "bf16",
         small_scale: int = 5,
+        augment: int = 20,
+        alpha: float = 3.0,
     ) -> None:
         _check_common(model, size, precision)
         if pool not in POOLINGS:
@@ -154,6 +175,11 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         check_positive_int("small_scale", small_scale, 0, 32)
         if whiten and not pca:
             raise ValueError("whiten needs pca=N (the number of components to keep and whiten)")
+        check_positive_int("augment", augment, 0, 1000)
+        if not 0.0 <= float(alpha) <= 16.0:
+            raise ValueError(
+                f"alpha (the neighbour weight exponent) must be in 0..16, got {alpha!r}"
+            )
         self.model = model
         self.size = int(size)
         self.layers = _check_layers(layers)
@@ -164,10 +190,14 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         self.whiten = bool(whiten)
         self.precision = precision
         self.small_scale = int(small_scale)
+        self.augment = int(augment)
+        self.alpha = float(alpha)
         self._mean: list[np.ndarray] | None = None
         self._components: np.ndarray | None = None
         self._offset: np.ndarray | None = None
         self._scale: np.ndarray | None = None
+        self._reference: np.ndarray | None = None
+        self._reference_unit: np.ndarray | None = None
 
     # -- what it produces ---------------------------------------------------------------------
     @property
@@ -184,11 +214,11 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
 
     @property
     def requires_fit(self) -> bool:  # type: ignore[override]
-        return self.center or self.pca > 0
+        return self.center or self.pca > 0 or self.augment > 0
 
     @property
     def base_spec(self) -> str:
-        params = {**self.get_params(), "center": False, "pca": 0, "whiten": False}
+        params = {**self.get_params(), "center": False, "pca": 0, "whiten": False, "augment": 0}
         return create_descriptor(self.name, **params).spec
 
     # -- raw vectors ----------------------------------------------------------------------------
@@ -238,6 +268,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         vectors = np.asarray(vectors, dtype=np.float32)
         self.fit_report_ = {"images": len(vectors)}
         self._mean = [b.mean(0) for b in self._split(vectors)] if self.center else None
+        self._components = self._reference = self._reference_unit = None
         if self.pca:
             x = self._centred(vectors).astype(np.float64)
             if self.pca > min(x.shape):
@@ -251,9 +282,18 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
             self._offset = mu.astype(np.float32)
             spread = s[: self.pca] / np.sqrt(max(len(x) - 1, 1))
             self._scale = (1.0 / np.maximum(spread, 1e-6 * spread[0])).astype(np.float32)
+        if self.augment:
+            if len(vectors) > AUGMENT_REFERENCE_MAX:
+                rng = np.random.default_rng(0)
+                keep = np.sort(rng.choice(len(vectors), AUGMENT_REFERENCE_MAX, replace=False))
+                vectors = vectors[keep]
+            # half precision: the neighbours and their weights change by ~1e-3, the file halves
+            self._reference = self._reduced(vectors).astype(np.float16)
+            self.fit_report_["augmented from"] = len(self._reference)
         return self
 
-    def transform_vectors(self, vectors: np.ndarray) -> np.ndarray:
+    def _reduced(self, vectors: np.ndarray) -> np.ndarray:
+        """Centred (and PCA-reduced, whitened) vectors: everything but the augmentation."""
         x = self._centred(vectors)
         if self.pca and self._components is not None:
             x = (x - self._offset) @ self._components.T
@@ -262,23 +302,84 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
             x = _l2(x)
         return x.astype(np.float32)
 
+    def _normalised(self, x: np.ndarray) -> np.ndarray:
+        """Unit blocks (unit vector after PCA), as the vectors were before augmenting."""
+        if self.pca:
+            return _l2(x)
+        return np.concatenate([_l2(b) for b in self._split(x)], axis=1)
+
+    def _augmented(self, x: np.ndarray) -> np.ndarray:
+        """``x`` plus its ``augment`` nearest reference vectors, each weighted by its cosine
+        similarity to the power ``alpha``; the image itself, when it is in the reference set,
+        is counted once (as ``x``), not twice."""
+        if self._reference is None or not len(self._reference):
+            return x
+        if self._reference_unit is None:  # once per loaded state, not per call
+            self._reference = self._reference.astype(np.float32)
+            self._reference_unit = _l2(self._reference)
+        reference, unit = self._reference, self._reference_unit
+        k = min(self.augment + 1, len(reference))
+        out = np.empty_like(x)
+        for lo in range(0, len(x), _AUGMENT_ROWS):
+            part = x[lo : lo + _AUGMENT_ROWS]
+            # Plain float32 inner products of unit rows and a partial sort: the general
+            # ExactIndex computes exact float64 distances, 3x slower, and only the nearest few
+            # and rough weights matter here (the reference set is capped, so this is bounded).
+            cosine = _l2(part) @ unit.T
+            idx = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
+            cosine = np.take_along_axis(cosine, idx, axis=1)
+            order = np.argsort(-cosine, axis=1, kind="stable")
+            idx = np.take_along_axis(idx, order, axis=1)
+            cosine = np.take_along_axis(cosine, order, axis=1)
+            itself = cosine > _SELF_COSINE
+            weight = np.maximum(cosine, 0.0) ** self.alpha
+            weight[itself] = 0.0
+            # K neighbours besides the image itself: the (K+1)-th only when it was not found
+            weight[np.cumsum(~itself, axis=1) > self.augment] = 0.0
+            rows = np.repeat(np.arange(len(part)), k)
+            mix = sparse.csr_matrix(
+                (weight.ravel(), (rows, idx.ravel())), shape=(len(part), len(reference))
+            )
+            out[lo : lo + len(part)] = part + mix @ reference
+        return self._normalised(out)
+
+    def transform_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        x = self._reduced(vectors)
+        if self.augment:
+            x = self._augmented(x)
+        return x.astype(np.float32)
+
     def get_state(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
         if self._mean is not None:
             state["mean"] = np.concatenate(self._mean)
         if self._components is not None:
             state.update(components=self._components, offset=self._offset, scale=self._scale)
+        if self._reference is not None:
+            state["reference"] = self._reference.astype(np.float16)
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
+        def misfit() -> ValueError:
+            return ValueError(
+                f"saved state does not fit descriptor {self.spec}; refit it: cbir fit -d cnn"
+            )
+
         if self.center:
             if "mean" not in state or state["mean"].shape != (self.raw_dim,):
-                raise ValueError(f"saved state does not fit descriptor {self.spec}")
+                raise misfit()
             self._mean = [m[0] for m in self._split(state["mean"][None, :])]
         if self.pca:
+            if "components" not in state:
+                raise misfit()
             self._components = state["components"]
             self._offset = state["offset"]
             self._scale = state["scale"]
+        if self.augment:
+            reference = state.get("reference")
+            if reference is None or reference.ndim != 2 or reference.shape[1] != self.dim:
+                raise misfit()
+            self._reference, self._reference_unit = reference, None
 
 
 @register_descriptor

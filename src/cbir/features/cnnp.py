@@ -53,7 +53,7 @@ def _cnn_base(model: str, size: int, layers: tuple[int, ...]) -> Any:
     """The raw (stateless) ``cnn`` descriptor the head starts from; validates its parameters.
     Built from the class, not ``create_descriptor``, so it works without PyTorch installed."""
     return get_descriptor_class("cnn")(
-        model=model, size=size, layers=layers, center=False, pca=0, whiten=False
+        model=model, size=size, layers=layers, center=False, pca=0, whiten=False, augment=0
     )
 
 

@@ -125,7 +125,8 @@ def _build_part(item: str | Descriptor) -> Descriptor:
         raise ValueError(
             f"fusion part {part.spec!r} must first be fitted on a collection (requires_fit), "
             "which fusion does not support yet; parts that need no fitting: "
-            f"{', '.join(_fit_free_names())} (or switch the part's fitted step off)"
+            f"{', '.join(_fit_free_names())} (or switch the part's fitted steps off, e.g. "
+            "cnn[center=false;augment=0])"
         )
     return part
 
