@@ -250,6 +250,36 @@ def test_collection_fits_cnn_keeps_the_state_and_extends_it(tmp_path):
 
 
 @deep
+def test_a_collection_that_doubles_refits_what_it_derived(tmp_path):
+    arrays, labels = labelled_views(4)  # 20 images
+    first = _write(tmp_path / "first", arrays[:8], labels[:8])
+    _write(tmp_path / "second", arrays[8:], labels[8:])
+    settings = Settings(collection=tmp_path / "col", workers=1)
+    with Collection(settings=settings) as col:
+        col.add(tmp_path / "first", descriptors=[SMALL])
+        fitted = col.descriptor()
+        assert col.store.fitted_images(fitted.id) == 8
+        assert col.store.load_state(fitted.id)["reference"].shape[0] == 8
+        # 20 images: more than twice what it learned from, so it learns again from all
+        report = col.add(tmp_path / "second")
+        assert fitted.spec in report.fitted
+        assert col.store.fitted_images(fitted.id) == 20
+        assert col.store.load_state(fitted.id)["reference"].shape[0] == 20
+        assert col.store.vector_count(fitted.id) == 20
+        # every vector made with the new fit: the stored one equals one derived afresh
+        base = col.descriptor(create_descriptor(SMALL).base_spec)
+        image = [col.store.image_by_path(str(first[0])).id]
+        again = col.instance(fitted).transform_vectors(col.store.vectors_for(base.id, image))
+        np.testing.assert_allclose(col.store.vectors_for(fitted.id, image), again, atol=1e-6)
+        # a few more images do not trigger a refit
+        extra = tmp_path / "third" / "coffee"
+        extra.mkdir(parents=True)
+        Image.fromarray(arrays[0][::-1]).save(extra / "flipped.png")
+        assert fitted.spec not in col.add(tmp_path / "third").fitted
+        assert col.store.fitted_images(fitted.id) == 20
+
+
+@deep
 def test_an_unfitted_collection_descriptor_is_a_clear_error(tmp_path):
     settings = Settings(collection=tmp_path / "col", workers=1)
     with Collection(settings=settings) as col:

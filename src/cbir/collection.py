@@ -37,6 +37,9 @@ from cbir.search import COMBINE_MODES, RRF_DEPTH, Hit, expand_query, ranked_ids,
 from cbir.store import DescriptorRecord, ImageUpdate, Store, StoreError
 
 LABEL_SOURCES = ("folder",)
+#: A descriptor learned from the collection's vectors is refitted when the collection has grown
+#: to this many times the images it learned from (see ``Collection._refit_grown``).
+REFIT_GROWTH = 2.0
 ProgressCallback = Callable[[int, int], None]
 QueryLike = str | os.PathLike[str] | bytes | np.ndarray
 
@@ -243,6 +246,7 @@ class Collection:
                 report.interrupted = again.interrupted
                 report.skipped += again.skipped
             if not report.interrupted:
+                self._refit_grown(report)
                 self._complete_derived()
         finally:
             self._indexes.clear()
@@ -377,6 +381,20 @@ class Collection:
                 from_images |= not _derives(d)
         return from_images
 
+    def _refit_grown(self, report: IndexReport) -> None:
+        """Refit the descriptors derived from other vectors (centring, PCA, augmentation, a
+        trained head) once the collection has grown to ``REFIT_GROWTH`` times what they
+        learned from: a collection indexed a folder at a time should not stay tuned to its
+        first folder. Cheap: they learn from stored vectors, no image is decoded again."""
+        for record in self.descriptors:
+            d = create_descriptor(record.spec)
+            fitted_on = self.store.fitted_images(record.id)
+            if not _derives(d) or fitted_on is None:
+                continue
+            now = self.store.vector_count(self.descriptor(d.base.spec).id)
+            if now >= REFIT_GROWTH * max(fitted_on, 1):
+                report.fitted[record.spec] = self._fit_one(record)
+
     def _fit_one(self, record: DescriptorRecord) -> dict[str, Any]:
         """Fit one descriptor on (a sample of) the collection and save what it learned."""
         d = create_descriptor(record.spec)
@@ -388,6 +406,7 @@ class Collection:
             if len(ids) == 0:
                 raise ValueError(f"descriptor {record.spec} has no images to learn from")
             d.fit_vectors(vectors, labels)
+            learned_from = len(ids)
         else:
             records = self.store.images(status="ok")
             if not records:
@@ -403,7 +422,8 @@ class Collection:
                 except images.ImageError:
                     continue  # changed or gone since it was indexed: fit on the others
             d.fit(arrays, labels if d.needs_labels else None)
-        self.store.save_state(record.id, d.get_state())
+            learned_from = len(arrays)
+        self.store.save_state(record.id, d.get_state(), images=learned_from)
         if d.dim != record.dim:  # learned by the fit, e.g. cnnp's number of classes
             self.store.set_dim(record.id, d.dim)
         return dict(getattr(d, "fit_report_", {}) or {})

@@ -570,9 +570,12 @@ class Store:
     def _state_path(self, descriptor_id: int) -> Path:
         return self.root / "models" / f"{descriptor_id}.npz"
 
-    def save_state(self, descriptor_id: int, state: dict[str, np.ndarray]) -> None:
+    def save_state(
+        self, descriptor_id: int, state: dict[str, np.ndarray], *, images: int | None = None
+    ) -> None:
         """Keep what a descriptor learned (arrays only, no pickles), replacing any earlier fit;
-        vectors made with an earlier fit are dropped with it. Temp name, fsync, atomic rename."""
+        vectors made with an earlier fit are dropped with it. Temp name, fsync, atomic rename.
+        ``images``: how many images it learned from (see :meth:`fitted_images`)."""
         self._require_lock()
         path = self._state_path(descriptor_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,8 +586,19 @@ class Store:
             os.fsync(fh.fileno())
         with self._transaction() as db:
             db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+            db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
+            if images is not None:
+                db.execute(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    (f"fitted_images:{descriptor_id}", str(int(images))),
+                )
             os.replace(tmp, path)
         self.compact(descriptor_id)
+
+    def fitted_images(self, descriptor_id: int) -> int | None:
+        """How many images a descriptor's current fit learned from (None: not recorded)."""
+        value = self._meta(f"fitted_images:{descriptor_id}")
+        return None if value is None else int(value)
 
     def set_dim(self, descriptor_id: int, dim: int) -> None:
         """Record a vector length learned by fitting (e.g. cnnp's class count); vectors of the
