@@ -121,7 +121,7 @@ def test_the_reference_set_is_capped_on_big_collections(monkeypatch):
     x, _ = clustered(3, 8, noise=1.0)
     d = CNNEmbedding(augment=4).fit_vectors(x)
     assert d.get_state()["reference"].shape == (10, 1792)
-    assert d.fit_report_["augmented from"] == 10
+    assert d.fit_report_["neighbour_pool"] == 10
     assert d.transform_vectors(x).shape == x.shape
 
 

@@ -79,6 +79,18 @@ def test_trec_files_agree_with_our_scores(colour_set, tmp_path, settings):
     assert ours["MAP"] < 1.0
 
 
+def test_a_long_descriptor_spec_still_gets_its_trec_run_file(colour_set, tmp_path, settings):
+    root, _ = colour_set
+    # a fusion's full spec, percent-encoded, is longer than a file name may be (255 bytes)
+    fusion = "fusion:parts=color-hist+color-regional+fotf+lbp+hog"
+    config = GridConfig(descriptors=[fusion, "color-hist"], metrics=["euclidean"])
+    evaluate_dataset(root, None, config, tmp_path / "out", settings=settings, mosaics=0)
+    runs = sorted((tmp_path / "out" / "trec").glob("*.run"), key=lambda p: len(p.name))
+    assert len(runs) == 2 and len(runs[-1].name) <= 160
+    tag = runs[-1].read_text().split()[5]  # the run's tag keeps the whole name
+    assert tag.startswith("fusion") and len(tag) > 255
+
+
 def test_separate_query_set_against_a_collection(tmp_path, settings):
     from tests.conftest import write_colour_set
 

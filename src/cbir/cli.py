@@ -106,7 +106,7 @@ def index(
             help="Descriptor to extract, e.g. lbp or 'lbp:P=16,R=2' (repeatable). "
             "A new collection without one gets every hand-crafted descriptor (and cnn, "
             "first, with the deep extra). Descriptors that learn from the collection "
-            "(cnn's centring, bovw, cnnp) are fitted on it here.",
+            "(cnn's centring and augmentation, bovw, cnnp) are fitted on it here.",
         ),
     ] = None,
     labels: Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,6 +27,8 @@ from cbir.evaluation.grid import Combination, GridResult
 #: qrels files list every relevant pair; past this many pairs (CIFAR-10: 50 million) they are
 #: not written, and the summary says so.
 MAX_QRELS_PAIRS = 5_000_000
+#: Longest file name written (before the extension); file systems allow 255 bytes.
+MAX_FILE_STEM = 150
 
 
 def best_per_descriptor(result: GridResult, by: str = "MAP") -> list[Combination]:
@@ -89,7 +92,7 @@ def write_report(
                 strict=True,
             )
         ]
-        name = _safe(query_set.ids[q])
+        name = _file_name(query_set.ids[q])
         files.append(
             make_mosaic(
                 _thumbnail(query_set.items[q]),
@@ -120,7 +123,8 @@ def write_report(
             for row, q in enumerate(result.query_index)
         }
         name = _safe(f"{c.descriptor}__{c.metric}")
-        files.append(write_trec_run(run, out / "trec" / f"{name}.run", tag=name))
+        path = out / "trec" / f"{_file_name(name)}.run"
+        files.append(write_trec_run(run, path, tag=name))
     summary = _summary_text(result, collection, queries, advice, notes, trec_depth)
     (out / "summary.md").write_text(summary)
     files.append(out / "summary.md")
@@ -140,6 +144,16 @@ def _safe(name: str) -> str:
     """An identifier without whitespace or path separators (TREC ids, file names); percent-
     encoding keeps different names different."""
     return quote(name, safe="-_.+")
+
+
+def _file_name(name: str) -> str:
+    """``_safe(name)`` short enough for any file system (255 bytes a name): a long one (a
+    fusion's full spec, a deep path) keeps its start and gets a digest of the whole."""
+    safe = _safe(name)
+    if len(safe) <= MAX_FILE_STEM:
+        return safe
+    digest = hashlib.sha1(safe.encode()).hexdigest()[:16]
+    return f"{safe[: MAX_FILE_STEM - 17]}~{digest}"
 
 
 def _relevant_pairs(result: GridResult, collection: LabelledSet, query_set: LabelledSet) -> int:

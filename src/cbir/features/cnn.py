@@ -289,7 +289,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
                 vectors = vectors[keep]
             # half precision: the neighbours and their weights change by ~1e-3, the file halves
             self._reference = self._reduced(vectors).astype(np.float16)
-            self.fit_report_["augmented from"] = len(self._reference)
+            self.fit_report_["neighbour_pool"] = len(self._reference)
         return self
 
     def _reduced(self, vectors: np.ndarray) -> np.ndarray:
