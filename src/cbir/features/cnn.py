@@ -197,7 +197,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         self._offset: np.ndarray | None = None
         self._scale: np.ndarray | None = None
         self._reference: np.ndarray | None = None
-        self._reference_unit: np.ndarray | None = None
+        self._reference_norm: np.ndarray | None = None
 
     # -- what it produces ---------------------------------------------------------------------
     @property
@@ -268,7 +268,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         vectors = np.asarray(vectors, dtype=np.float32)
         self.fit_report_ = {"images": len(vectors)}
         self._mean = [b.mean(0) for b in self._split(vectors)] if self.center else None
-        self._components = self._reference = self._reference_unit = None
+        self._components = self._reference = self._reference_norm = None
         if self.pca:
             x = self._centred(vectors).astype(np.float64)
             if self.pca > min(x.shape):
@@ -314,10 +314,11 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
         is counted once (as ``x``), not twice."""
         if self._reference is None or not len(self._reference):
             return x
-        if self._reference_unit is None:  # once per loaded state, not per call
+        if self._reference_norm is None:  # once per loaded state, not per call
             self._reference = self._reference.astype(np.float32)
-            self._reference_unit = _l2(self._reference)
-        reference, unit = self._reference, self._reference_unit
+            norm = np.linalg.norm(self._reference, axis=1)
+            self._reference_norm = np.maximum(norm, 1e-12)
+        reference, norm = self._reference, self._reference_norm
         k = min(self.augment + 1, len(reference))
         out = np.empty_like(x)
         for lo in range(0, len(x), _AUGMENT_ROWS):
@@ -325,7 +326,8 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
             # Plain float32 inner products of unit rows and a partial sort: the general
             # ExactIndex computes exact float64 distances, 3x slower, and only the nearest few
             # and rough weights matter here (the reference set is capped, so this is bounded).
-            cosine = _l2(part) @ unit.T
+            cosine = _l2(part) @ reference.T
+            cosine /= norm
             idx = np.argpartition(-cosine, k - 1, axis=1)[:, :k]
             cosine = np.take_along_axis(cosine, idx, axis=1)
             order = np.argsort(-cosine, axis=1, kind="stable")
@@ -379,7 +381,7 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
             reference = state.get("reference")
             if reference is None or reference.ndim != 2 or reference.shape[1] != self.dim:
                 raise misfit()
-            self._reference, self._reference_unit = reference, None
+            self._reference, self._reference_norm = reference, None
 
 
 @register_descriptor
