@@ -168,6 +168,10 @@ def test_spec_round_trips(name: str) -> None:
         assert again.get_params() == d.get_params()
         assert again.spec == d.spec
         assert again.dim == d.dim
+        # the short label (non-default parameters only) names the same descriptor
+        assert create_descriptor(d.short_spec).spec == d.spec
+        assert len(d.short_spec) <= len(d.spec)
+    assert create_descriptor(name).short_spec == name
 
 
 @pytest.mark.parametrize("name", NAMES)

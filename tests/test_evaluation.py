@@ -82,7 +82,11 @@ def test_trec_files_agree_with_our_scores(colour_set, tmp_path, settings):
 def test_a_long_descriptor_spec_still_gets_its_trec_run_file(colour_set, tmp_path, settings):
     root, _ = colour_set
     # a fusion's full spec, percent-encoded, is longer than a file name may be (255 bytes)
-    fusion = "fusion:parts=color-hist+color-regional+fotf+lbp+hog"
+    fusion = (
+        "fusion:parts=color-hist[space=lab;bins=16x16x8;max_side=256]"
+        "+color-regional[space=lab;bins=12x4x4;max_side=256]+lbp[P=16;R=3.0;method=ror]"
+        "+hog[size=96;orientations=12;pixels_per_cell=8;cells_per_block=3;block_norm=L1]"
+    )
     config = GridConfig(descriptors=[fusion, "color-hist"], metrics=["euclidean"])
     evaluate_dataset(root, None, config, tmp_path / "out", settings=settings, mosaics=0)
     runs = sorted((tmp_path / "out" / "trec").glob("*.run"), key=lambda p: len(p.name))

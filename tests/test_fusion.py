@@ -107,6 +107,10 @@ def test_spellings_of_the_same_fusion_give_the_same_spec() -> None:
         "+lbp[P=16;R=2.0;method=uniform],weights=1.0x0.5,norm=auto"
     }
     (spec,) = specs
+    # the label in reports: only what differs from the defaults, still the same fusion
+    short = create_descriptor(spec).short_spec
+    assert short == "fusion:parts=color-hist+lbp[P=16;R=2.0],weights=1.0x0.5"
+    assert create_descriptor(short).spec == spec
     lbp = create_descriptor(spec).part_descriptors[1]
     assert (lbp.P, lbp.R, lbp.method) == (16, 2.0, "uniform")  # part parameters survive
     assert create_descriptor(spec).spec == spec

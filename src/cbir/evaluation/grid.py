@@ -384,7 +384,7 @@ def run_grid(
         ks = np.array([k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= rel.shape[1]])
         combos.append(
             Combination(
-                descriptor=spec.split(":")[0] if _is_default(spec) else spec,
+                descriptor=create_descriptor(spec).short_spec,
                 metric=f"{metric}+qe{config.expand}" if config.expand else metric,
                 summary=summarise(rel, n_relevant, ks=tuple(config.ks), map_k=config.map_k),
                 curve11=mean_over_queries(interpolated_precision_11(rel, n_relevant))[0],
@@ -453,9 +453,3 @@ def _fit_on_images(
         np.savez(path, **d.get_state())
         states[spec] = str(path)
     return time.perf_counter() - started
-
-
-def _is_default(spec: str) -> bool:
-    """True when a spec has every parameter at its default (then its name says it all)."""
-    d = create_descriptor(spec)
-    return d.spec == create_descriptor(d.name).spec

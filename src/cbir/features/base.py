@@ -60,6 +60,16 @@ class Descriptor:
 
         return format_spec(self.name, self.get_params())
 
+    @property
+    def short_spec(self) -> str:
+        """The spec as a user would type it, with only the parameters that differ from their
+        defaults: a label for tables and plots that still parses to the same descriptor."""
+        from cbir.features.registry import format_spec
+
+        defaults = self.param_defaults()
+        changed = {k: v for k, v in self.get_params().items() if v != defaults[k]}
+        return format_spec(self.name, changed)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"

@@ -26,6 +26,7 @@ from cbir.features.base import Descriptor
 from cbir.features.registry import (
     create_descriptor,
     descriptor_names,
+    format_spec,
     get_descriptor_class,
     register_descriptor,
 )
@@ -87,6 +88,12 @@ def nested_text(descriptor: Descriptor) -> str:
             f"descriptor {descriptor.spec!r} cannot be a fusion part: its parameter values "
             f"contain one of {' '.join(sorted(_SYNTAX))}, which the parts syntax uses"
         )
+    return f"{name}[{rest.replace(',', ';')}]" if rest else name
+
+
+def _short_nested(descriptor: Descriptor) -> str:
+    """A part's short spec (non-default parameters only) in the nested syntax."""
+    name, _, rest = descriptor.short_spec.partition(":")
     return f"{name}[{rest.replace(',', ';')}]" if rest else name
 
 
@@ -246,6 +253,17 @@ class Fusion(Descriptor):
         if not isinstance(norm, str) or norm.lower() not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.norm = norm.lower()
+
+    @property
+    def short_spec(self) -> str:
+        params: dict[str, Any] = {}
+        if self.parts != Fusion().parts:
+            params["parts"] = "+".join(_short_nested(p) for p in self._parts)
+        if len(set(self.weights)) > 1:
+            params["weights"] = self.weights
+        if self.norm != "auto":
+            params["norm"] = self.norm
+        return format_spec(self.name, params)
 
     # -- structure ------------------------------------------------------------------------------
     @property
