@@ -24,8 +24,8 @@ from common import WORK, dataset, machine, md_table
 
 from cbir.config import Settings
 from cbir.evaluation.datasets import from_folders
-from cbir.evaluation.grid import extract_features
-from cbir.evaluation.measures import average_precision
+from cbir.evaluation.grid import extract_features, rank
+from cbir.evaluation.measures import summarise
 from cbir.features import create_descriptor
 
 RAW = "cnn:center=false,augment=0"
@@ -51,18 +51,13 @@ def raw_vectors(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def loo(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> tuple[float, float]:
-    """Leave-one-out MAP over the full ranking and P@10, cosine, in blocks of queries."""
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    aps, p10 = [], []
-    for lo in range(0, len(queries), 500):
-        q = queries[lo : lo + 500]
-        sims = unit[q] @ unit.T
-        sims[np.arange(len(q)), q] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
-        relevant = labels[order] == labels[q, None]
-        aps.append(average_precision(relevant, relevant.sum(axis=1)))
-        p10.append(relevant[:, :10].mean(axis=1))
-    return float(np.concatenate(aps).mean()), float(np.concatenate(p10).mean())
+    """Leave-one-out MAP over the full ranking and P@10, cosine: the protocol (and the code)
+    of ``cbir evaluate``."""
+    ranked, _, _ = rank("cosine", vectors[queries], vectors, len(vectors), self_index=queries)
+    relevant = labels[ranked] == labels[queries, None]
+    n_relevant = (labels[None, :] == labels[queries, None]).sum(axis=1) - 1
+    summary = summarise(relevant, n_relevant, ks=(10,), map_k=None)
+    return summary["MAP"], summary["P@10"]
 
 
 def main() -> None:

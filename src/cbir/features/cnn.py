@@ -364,7 +364,8 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         def misfit() -> ValueError:
             return ValueError(
-                f"saved state does not fit descriptor {self.spec}; refit it: cbir fit -d cnn"
+                f"saved state does not fit descriptor {self.spec}; refit it: "
+                f"cbir fit -d '{self.short_spec}'"
             )
 
         if self.center:

@@ -80,20 +80,15 @@ def part_spec(item: str) -> str:
     return f"{name}:{','.join(params)}" if params else name
 
 
-def nested_text(descriptor: Descriptor) -> str:
-    """A descriptor's canonical spec in the nested syntax: ``name[k=v;k=v]``."""
-    name, _, rest = descriptor.spec.partition(":")
+def nested_text(descriptor: Descriptor, *, short: bool = False) -> str:
+    """A descriptor's canonical spec in the nested syntax: ``name[k=v;k=v]`` (with ``short``,
+    only the parameters that differ from their defaults, as in :attr:`Descriptor.short_spec`)."""
+    name, _, rest = (descriptor.short_spec if short else descriptor.spec).partition(":")
     if _SYNTAX & set(rest):
         raise ValueError(
             f"descriptor {descriptor.spec!r} cannot be a fusion part: its parameter values "
             f"contain one of {' '.join(sorted(_SYNTAX))}, which the parts syntax uses"
         )
-    return f"{name}[{rest.replace(',', ';')}]" if rest else name
-
-
-def _short_nested(descriptor: Descriptor) -> str:
-    """A part's short spec (non-default parameters only) in the nested syntax."""
-    name, _, rest = descriptor.short_spec.partition(":")
     return f"{name}[{rest.replace(',', ';')}]" if rest else name
 
 
@@ -258,7 +253,7 @@ class Fusion(Descriptor):
     def short_spec(self) -> str:
         params: dict[str, Any] = {}
         if self.parts != Fusion().parts:
-            params["parts"] = "+".join(_short_nested(p) for p in self._parts)
+            params["parts"] = "+".join(nested_text(p, short=True) for p in self._parts)
         if len(set(self.weights)) > 1:
             params["weights"] = self.weights
         if self.norm != "auto":
