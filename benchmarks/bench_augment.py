@@ -43,11 +43,9 @@ SETS = [
 def raw_vectors(name: str) -> tuple[np.ndarray, np.ndarray]:
     data = from_folders(dataset(name))
     cache = WORK / f"eval-{name}-deep" / "features"  # shared with run_evaluations.py
-    features, ok, _, _ = extract_features(
-        data, [RAW], settings=Settings(workers=2), cache_dir=cache
-    )
+    features = extract_features(data, [RAW], settings=Settings(workers=2), cache_dir=cache)
     labels = np.array(data.primary_labels())
-    return features[create_descriptor(RAW).spec][ok], labels[ok]
+    return features.by_spec[create_descriptor(RAW).spec][features.ok], labels[features.ok]
 
 
 def loo(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> tuple[float, float]:

@@ -84,7 +84,8 @@ def pipeline(spec: str, files: list[Path], workers: int = 2) -> tuple[float, flo
             after_first += 1
 
     started = time.perf_counter()
-    run_tasks(tasks, workers=workers, max_pixels=10**8, chunk_size=CHUNK, on_result=count)
+    limits = images.Limits(max_pixels=10**8)
+    run_tasks(tasks, workers=workers, limits=limits, chunk_size=CHUNK, on_result=count)
     end = time.perf_counter()
     assert first is not None
     return after_first / (end - first), done / (end - started)

@@ -38,7 +38,7 @@ def main(queries: int = 100) -> str:
         d = create_descriptor(record.spec)
         qfiles = image_files(dataset("cifar10/test"), queries)
         t0 = time.perf_counter()
-        Q = extract_images(qfiles, d, max_pixels=settings.max_pixels)
+        Q = extract_images(qfiles, d, limits=settings.limits)
         describe_ms = (time.perf_counter() - t0) / len(qfiles) * 1000
         rows = []
         for name in metrics_for(d):

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cbir.collection import Collection, IndexInterrupted
 from cbir.config import Settings
+from cbir.errors import BusyError, NotFoundError
 from cbir.images import ImageError
 from cbir.search import rrf_fuse
-from cbir.store import ImageUpdate, StoreError
+from cbir.store import ImageUpdate
 from tests.conftest import COLOURS, colour_image
 
 
@@ -149,7 +151,7 @@ def test_remove_drops_files_folders_and_missing_ones(colour_set, settings):
         assert len(col) == 13
         hits = col.search(np.zeros(col.descriptor().dim) + 1, k=100, metric="euclidean")
         assert {h.label for h in hits} == {"red", "blue", "yellow"} and len(hits) == 13
-        with pytest.raises(ValueError, match="not in the collection"):
+        with pytest.raises(NotFoundError, match="not in the collection"):
             col.remove([root / "nowhere.png"])
         _assert_consistent(col)
 
@@ -281,7 +283,7 @@ def test_one_writer_at_a_time(colour_set, settings):
     with _open(settings) as first, _open(settings) as second:
         first.add(root / "red", descriptors=["color-hist"])
         first.store.acquire()
-        with pytest.raises(StoreError, match="another cbir process"):
+        with pytest.raises(BusyError, match="another cbir process"):
             second.add(root / "blue")
 
 
@@ -324,7 +326,7 @@ def test_clear_errors_for_wrong_arguments(colour_set, settings, tmp_path):
             col.search(paths["red"][0], metric="kl")
         with pytest.raises(ValueError, match=r"unknown metric 'nope'.*euclidean"):
             col.search(paths["red"][0], metric="nope")
-        with pytest.raises(ValueError, match=r"no vectors for 'lbp'.*--descriptor lbp"):
+        with pytest.raises(NotFoundError, match=r"no vectors for 'lbp'.*--descriptor lbp"):
             col.search(paths["red"][0], descriptor="lbp")
         with pytest.raises(ValueError, match="unknown descriptor"):
             col.search(paths["red"][0], descriptor="sift9000")
@@ -334,7 +336,7 @@ def test_clear_errors_for_wrong_arguments(colour_set, settings, tmp_path):
             col.search(bad)
         with pytest.raises(ValueError, match="labels must be one of"):
             col.add(root, labels="filename")
-    with pytest.raises(StoreError, match="no collection"):
+    with pytest.raises(NotFoundError, match="no collection"):
         Collection(tmp_path / "absent", create=False)
 
 
@@ -446,3 +448,24 @@ def test_query_expansion_searches_again_with_the_query_averaged_with_its_top_res
         assert [h.id for h in col.search(query, 5, expand=3)] == want
         with pytest.raises(ValueError, match=r"expand must be an integer in 0\.\.100"):
             col.search(query, 5, expand=-1)
+
+
+def test_a_copy_of_an_indexed_jpeg_is_found_at_distance_zero(tmp_path, settings):
+    """A query is decoded as indexing decoded it (one decode at the size every descriptor of
+    the collection needs), so a byte-identical copy gets the stored vector exactly, whatever
+    other descriptors were indexed with it (a JPEG's draft decode at a descriptor's own size
+    differs from a larger decode shrunk)."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in ("a", "b"):
+        noise = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / f"{name}.jpg", quality=90)
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes((folder / "a.jpg").read_bytes())
+    with _open(settings) as col:
+        col.add(folder, descriptors=["color-hist", "lbp"])
+        for spec in ("color-hist", "lbp"):
+            hits = col.search(copy, k=2, descriptor=spec)
+            assert hits[0].path == str((folder / "a.jpg").resolve()), spec
+            assert hits[0].score == pytest.approx(0, abs=1e-6), spec

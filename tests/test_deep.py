@@ -30,6 +30,7 @@ from cbir.features import (
     describe_descriptors,
 )
 from cbir.features.cnn import target_side
+from cbir.ingest import Ingest
 from cbir.metrics import pairwise_distances
 
 deep = pytest.mark.skipif(
@@ -284,7 +285,7 @@ def test_an_unfitted_collection_descriptor_is_a_clear_error(tmp_path):
     settings = Settings(collection=tmp_path / "col", workers=1)
     with Collection(settings=settings) as col:
         col.store.acquire()
-        col._register([SMALL])
+        Ingest(col.store, col.settings).register([SMALL])
         col.store.release()
         with pytest.raises(ValueError, match="has not been fitted on this collection"):
             col.instance(col.descriptor())

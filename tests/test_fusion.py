@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from skimage import data
 
+from cbir import images
 from cbir.extraction import Task, extract_chunk
 from cbir.features import Descriptor, create_descriptor, metrics_for
 from cbir.features import registry as registry_module
@@ -51,7 +52,8 @@ def sample_images() -> list[np.ndarray]:
 
 def pipeline_vectors(specs: list[str], image: np.ndarray) -> dict[str, np.ndarray]:
     """What indexing stores for ``image`` under each spec (one decode, arrays per descriptor)."""
-    (update,) = extract_chunk([Task(path="x", specs=tuple(specs), array=image)], 10**9)
+    task = Task(path="x", specs=tuple(specs), array=image)
+    (update,) = extract_chunk([task], images.Limits(max_pixels=10**9))
     assert update.status == "ok", update.reason
     return update.vectors
 

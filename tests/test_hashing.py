@@ -234,7 +234,8 @@ def test_exact_index_ranks_by_hamming() -> None:
     X = random_bits(500, 64, seed=6)
     Q = X[[3, 77]].copy()
     Q[0, :5] = 1 - Q[0, :5]  # 5 bits away from row 3
-    index = ExactIndex("hamming", block_rows=64).add_all(np.arange(500), X)
+    index = ExactIndex("hamming", dim=64, block_rows=64)
+    index.add(np.arange(500), X)
     d, i = index.search(Q, 3)
     assert i[0, 0] == 3 and d[0, 0] == 5
     assert i[1, 0] == 77 and d[1, 0] == 0

@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
+import stat
 import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin, features
 
 from cbir import images
-from cbir.images import ImageError, InputSpec, decode, load, prepare_arrays, to_array
+from cbir.images import (
+    ImageError,
+    InputSpec,
+    Limits,
+    decode,
+    load,
+    prepare_arrays,
+    read_file,
+    to_array,
+)
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -453,23 +470,251 @@ def test_other_pillow_errors_become_image_errors(monkeypatch: pytest.MonkeyPatch
 
 
 def test_directory(tmp_path: Path) -> None:
-    assert reason_of(lambda: load(tmp_path)).startswith("cannot read file: ")
+    assert reason_of(lambda: load(tmp_path)) == "not a regular file (a directory)"
+    assert reason_of(lambda: read_file(tmp_path, LIMIT)) == "not a regular file (a directory)"
 
 
 def test_missing_file(tmp_path: Path) -> None:
     reason = reason_of(lambda: load(tmp_path / "nope.png"))
     assert reason == "cannot read file: No such file or directory"
+    assert reason_of(lambda: read_file(tmp_path / "nope.png", LIMIT)) == reason
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
-def test_permission_denied(tmp_path: Path) -> None:
-    path = tmp_path / "secret.png"
+#: A byte cap far above any file these tests write.
+LIMIT = 1 << 20
+#: Seconds a read that must not block is given before the test fails.
+PROMPT = 10
+#: The user and group ``nobody`` on most Unix systems.
+NOBODY = 65534
+#: Exit status of the privilege-dropping snippet when it cannot drop privileges here.
+CANNOT_DROP = 77
+
+#: Run as root: read the file given as an unprivileged user and print the reason.
+UNPRIVILEGED_READ = f"""
+import os, sys
+from cbir.images import ImageError, load
+try:
+    os.setgroups([])
+    os.setgid({NOBODY})
+    os.setuid({NOBODY})
+except OSError:
+    sys.exit({CANNOT_DROP})
+try:
+    load(sys.argv[1])
+except ImageError as exc:
+    print(exc.reason)
+"""
+
+
+@pytest.fixture
+def traversable_dir() -> Iterator[Path]:
+    """A fresh folder every user may pass through (pytest's base folder is private to us)."""
+    folder = Path(tempfile.mkdtemp(prefix="cbir-test-"))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_permission_denied(traversable_dir: Path) -> None:
+    path = traversable_dir / "secret.png"
     path.write_bytes(encode(quadrants(), "PNG"))
     path.chmod(0)
-    try:
-        assert reason_of(lambda: load(path)) == "cannot read file: Permission denied"
-    finally:
-        path.chmod(0o600)
+    if os.geteuid() == 0:  # root reads anything: read as nobody, in a child process
+        out = subprocess.run(
+            [sys.executable, "-c", UNPRIVILEGED_READ, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=PROMPT * 6,
+        )
+        if out.returncode == CANNOT_DROP:
+            pytest.skip("cannot drop privileges to nobody here")
+        assert out.returncode == 0, out.stderr
+        reason = out.stdout.strip()
+    else:
+        reason = reason_of(lambda: load(path))
+    assert reason == "cannot read file: Permission denied"
+
+
+def test_read_file_returns_the_bytes_and_the_open_file_status(tmp_path: Path) -> None:
+    path = tmp_path / "q.png"
+    data = encode(quadrants(), "PNG")
+    path.write_bytes(data)
+    got, st = read_file(path, LIMIT)
+    assert got == data
+    assert (st.st_size, st.st_ino, st.st_mtime_ns) == (
+        len(data),
+        path.stat().st_ino,
+        path.stat().st_mtime_ns,
+    )
+    assert read_file(path, len(data)) == (data, st)  # the limit itself is allowed
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert read_file(tmp_path / "empty.png", LIMIT)[0] == b""
+
+
+def refused_promptly(call: Callable[[], object], release: Path | None = None) -> ImageError:
+    """The ImageError ``call`` raises, failing the test if it blocks (a FIFO is then given a
+    writer, which releases the reader)."""
+    outcome: list[BaseException | object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(PROMPT)
+    if worker.is_alive():
+        if release is not None:
+            os.close(os.open(release, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading blocked")
+    (result,) = outcome
+    assert isinstance(result, ImageError), result
+    return result
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_read_file_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    error = refused_promptly(lambda: read_file(fifo, LIMIT), release=fifo)
+    assert error.reason == "not a regular file (a FIFO (named pipe))"
+    assert error.file_stat is not None and stat.S_ISFIFO(error.file_stat.st_mode)
+    error = refused_promptly(lambda: load(fifo), release=fifo)
+    assert (error.reason, error.path) == ("not a regular file (a FIFO (named pipe))", str(fifo))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_read_file_checks_the_file_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The path was a regular file when looked at, then became a FIFO before it was opened:
+    # the open descriptor decides, and the open does not wait for a writer.
+    regular = tmp_path / "was.png"
+    regular.write_bytes(b"x")
+    fifo = tmp_path / "now.png"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+
+    def stale_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        return real_stat(regular if os.fspath(path) == str(fifo) else path, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "stat", stale_stat)
+    error = refused_promptly(lambda: read_file(fifo, LIMIT), release=fifo)
+    assert error.reason == (
+        "not a regular file (a FIFO (named pipe)); it was replaced while being opened"
+    )
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero"])
+def test_read_file_refuses_a_device(device: str) -> None:
+    if not os.path.exists(device):
+        pytest.skip(f"no {device} here")
+    error = refused_promptly(lambda: read_file(device, LIMIT))
+    assert error.reason == "not a regular file (a character device)"
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets")
+def test_read_file_refuses_a_socket(traversable_dir: Path) -> None:
+    path = traversable_dir / "s.png"  # a short path: socket addresses are short
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        error = refused_promptly(lambda: read_file(path, LIMIT))
+    assert error.reason == "not a regular file (a socket)"
+
+
+def test_read_file_refuses_a_file_over_max_bytes_from_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "huge.tif"
+    size = 2 * images.DEFAULT_MAX_BYTES
+    with open(path, "wb") as fh:
+        fh.truncate(size)  # sparse: nothing is written
+    reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, n)
+
+    with monkeypatch.context() as m:
+        m.setattr(images.os, "read", counting_read)
+        error = refused_promptly(lambda: load(path))
+    assert reads == []
+    assert error.reason == (
+        f"file is {size} bytes (2.1 GB), over the limit of {images.DEFAULT_MAX_BYTES} bytes "
+        "(1.1 GB) (set max_bytes / CBIR_MAX_BYTES to allow it)"
+    )
+    assert error.file_stat is not None and error.file_stat.st_size == size
+    small = reason_of(lambda: read_file(path, 999))
+    assert small.startswith(f"file is {size} bytes (2.1 GB), over the limit of 999 bytes (")
+
+
+def test_read_file_never_reads_past_the_cap_when_the_file_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"x" * 50)
+    cap = 100
+    real_fstat, real_read = os.fstat, os.read
+    read = [0]
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        with open(path, "ab") as fh:  # the file grows once it has been looked at
+            fh.write(b"y" * 10_000)
+        return st
+
+    def counting_read(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        read[0] += len(data)
+        return data
+
+    with monkeypatch.context() as m:
+        m.setattr(images.os, "fstat", fstat_then_grow)
+        m.setattr(images.os, "read", counting_read)
+        reason = reason_of(lambda: read_file(path, cap))
+    assert reason == (
+        "file grew past the limit of 100 bytes while being read "
+        "(set max_bytes / CBIR_MAX_BYTES to allow it)"
+    )
+    assert read[0] == cap + 1
+
+
+def test_read_file_rejects_a_bad_limit(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes must be a whole number"):
+        read_file(tmp_path, 0)
+
+
+def test_limits_defaults_and_validation() -> None:
+    assert Limits() == Limits(images.DEFAULT_MAX_PIXELS, images.DEFAULT_MAX_BYTES)
+    assert Limits(max_bytes=np.int64(5)).max_bytes == 5
+    assert type(Limits(max_bytes=np.int64(5)).max_bytes) is int
+    with pytest.raises(ValueError) as info:
+        Limits(max_bytes=0)
+    assert str(info.value) == (
+        "max_bytes (CBIR_MAX_BYTES) must be a whole number of bytes, 1 or more; got 0"
+    )
+    bad_values: tuple[Any, ...] = (-1, 1.5, True, "10", None)
+    for bad in bad_values:
+        with pytest.raises(ValueError, match=r"^max_pixels \(CBIR_MAX_PIXELS\) must be a whole"):
+            Limits(max_pixels=bad)
+    frozen: Any = Limits()
+    with pytest.raises(AttributeError):
+        frozen.max_bytes = 1
+
+
+def test_load_applies_both_limits(tmp_path: Path) -> None:
+    path = tmp_path / "q.png"
+    path.write_bytes(encode(quadrants(64, 48), "PNG"))
+    assert "over the limit of 0.0001 megapixels" in reason_of(
+        lambda: load(path, limits=Limits(max_pixels=100))
+    )
+    assert "CBIR_MAX_BYTES" in reason_of(lambda: load(path, limits=Limits(max_bytes=10)))
 
 
 def test_load_reads_and_decodes(tmp_path: Path) -> None:

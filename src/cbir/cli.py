@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,12 +25,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cbir import errors
 from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
-from cbir.features import DescriptorUnavailableError
-from cbir.images import ImageError
-from cbir.search import Hit
-from cbir.store import StoreError
+from cbir.holdings import short_label
+from cbir.search.result import SearchResult
 
 app = typer.Typer(
     help="Content-based image retrieval: index a folder of images, then find the ones that "
@@ -47,28 +47,36 @@ CollectionOpt = Annotated[
         "--collection",
         "-c",
         envvar="CBIR_COLLECTION",
-        help="Collection directory [default: ./.cbir].",
+        help="Collection directory (default: ./.cbir).",
         show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+#: Exit status of each kind of error (``cbir.errors``); 130 is an interrupted run.
+EXIT_CODES = {
+    errors.InvalidRequestError.kind: 2,
+    errors.NotFoundError.kind: 3,
+    errors.BusyError.kind: 4,
+    errors.UnavailableError.kind: 5,
+    errors.CorruptError.kind: 6,
+}
+EXIT_INTERRUPTED = 130
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one readable line and exit status 2."""
+    """Turn the errors a user can act on into one readable line and the exit status of their
+    kind; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (
-        ValueError,
-        ImageError,
-        StoreError,
-        NotImplementedError,
-        FileNotFoundError,
-        DescriptorUnavailableError,
-    ) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except Exception as exc:
+        kind = errors.kind_of(exc)
+        if kind is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CODES[kind]) from None
 
 
 def _settings(collection: Path | None, **overrides: Any) -> Settings:
@@ -119,7 +127,7 @@ def index(
         bool, typer.Option("--retry-skipped", help="Try again files skipped in earlier runs.")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes [default: one per core].")
+        int | None, typer.Option(help="Worker processes (default: one per core).")
     ] = None,
     max_pixels: Annotated[
         int | None, typer.Option(help="Skip images larger than this many pixels.")
@@ -149,13 +157,12 @@ def index(
             "[yellow]interrupted:[/] the work done so far is saved; run the same command "
             "again to continue."
         )
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _add_with_progress(
-    col: Collection, sources: list[Path], *, show: bool, **options: Any
-) -> IndexReport:
-    """``col.add`` with a progress bar (images/s); an interrupted run returns its report."""
+@contextlib.contextmanager
+def _progress_bar(show: bool) -> Iterator[Any]:
+    """A progress bar (images/s) on stderr, and the callback that moves it."""
     columns = [
         TextColumn("[bold]indexing"),
         BarColumn(),
@@ -170,6 +177,14 @@ def _add_with_progress(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        yield progress
+
+
+def _add_with_progress(
+    col: Collection, sources: list[Path], *, show: bool, **options: Any
+) -> IndexReport:
+    """``col.add`` with a progress bar; an interrupted run returns its report."""
+    with _progress_bar(show) as progress:
         try:
             return col.add(*sources, progress=progress, **options)
         except IndexInterrupted as stop:
@@ -183,11 +198,13 @@ def _print_index_report(report: IndexReport) -> None:
         f"{report.unchanged} unchanged, {len(report.skipped)} skipped"
         + (f", {report.still_skipped} skipped before" if report.still_skipped else "")
         + f" ({report.extracted} extracted in {report.seconds:.1f} s, "
-        f"{report.rate:,.0f} img/s)",
+        f"{report.rate:,.{0 if report.rate >= 10 else 1}f} img/s)",
         highlight=False,
     )
     for spec, fit in report.fitted.items():
-        out.print(f"fitted {spec} on the collection{_fit_summary(fit)}", highlight=False)
+        out.print(
+            f"fitted {short_label(spec)} on the collection{_fit_summary(fit)}", highlight=False
+        )
     for path, reason in report.skipped[:20]:
         out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if len(report.skipped) > 20:
@@ -214,10 +231,10 @@ def _fit_summary(fit: dict[str, Any]) -> str:
 def fit(
     descriptor: Annotated[
         str | None,
-        typer.Option("--descriptor", "-d", help="Descriptor to refit [default: the first]."),
+        typer.Option("--descriptor", "-d", help="Descriptor to refit (default: the first)."),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes [default: one per core].")
+        int | None, typer.Option(help="Worker processes (default: one per core).")
     ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
@@ -226,13 +243,15 @@ def fit(
     recompute its vectors."""
     with _user_errors():
         col = _open(collection, workers=workers)
-        spec = col.descriptor(descriptor).spec
         result = col.fit(descriptor)
         col.close()
     if as_json:
-        _print_json({"descriptor": spec, "fit": result})
+        _print_json(result.to_dict())
     else:
-        out.print(f"fitted {spec} on the collection{_fit_summary(result)}", highlight=False)
+        out.print(
+            f"fitted {result.descriptor} on the collection{_fit_summary(result.info)}",
+            highlight=False,
+        )
 
 
 # -- search ----------------------------------------------------------------------------------
@@ -245,14 +264,14 @@ def search(
         typer.Option(
             "--descriptor",
             "-d",
-            help="Descriptor [default: the collection's first]; repeat it to fuse the rankings "
+            help="Descriptor (default: the collection's first); repeat it to fuse the rankings "
             "of several (reciprocal rank fusion).",
         ),
     ] = None,
     metric: Annotated[
         list[str] | None,
         typer.Option(
-            "--metric", "-m", help="Metric [default: the descriptor's]; one per --descriptor."
+            "--metric", "-m", help="Metric (default: the descriptor's); one per --descriptor."
         ),
     ] = None,
     combine: Annotated[
@@ -265,7 +284,7 @@ def search(
         int,
         typer.Option(
             help="Average query expansion: search again with the query averaged with its top "
-            "K results (0 = off; 5 lifted dtd10 MAP from 0.57 to 0.62 with cnn)."
+            "K results (0 = off; docs/deep.md has what it gains)."
         ),
     ] = 0,
     collection: CollectionOpt = None,
@@ -274,48 +293,40 @@ def search(
     """Find the images that look most like the query image(s)."""
     with _user_errors():
         col = _open(collection)
-        specs = list(descriptor or [None])
-        metrics: list[str | None] = list(metric or [None] * len(specs))
-        if len(specs) == 1 and len(metrics) > 1:
-            raise ValueError("several --metric need as many --descriptor (one metric each)")
-        hits = col.search(
+        result = col.search(
             [str(q) for q in queries],
             k,
-            descriptor=specs if len(specs) > 1 else specs[0],
-            metric=metrics if len(specs) > 1 else metrics[0],
+            descriptor=descriptor,
+            metric=metric,
             combine=combine,
             exclude_queries=exclude_queries,
             expand=expand,
         )
-        records = [col.descriptor(s) for s in specs]
-        used = [m or r.metric for m, r in zip(metrics, records, strict=True)]
         col.close()
-    fused = len(records) > 1
     if as_json:
-        _print_json(
-            {
-                "descriptor": records[0].spec if not fused else [r.spec for r in records],
-                "metric": used[0] if not fused else used,
-                "combine": combine,
-                "fusion": "rrf" if fused else None,
-                "results": [h.to_dict() for h in hits],
-            }
+        _print_json(result.to_dict())
+    else:
+        _print_hits(result)
+
+
+#: Column heading of the score, by the kind of score.
+SCORE_HEADINGS = {"distance": "distance", "similarity": "similarity", "rrf": "rrf score"}
+
+
+def _print_hits(result: SearchResult) -> None:
+    table = Table(title=escape(result.title), title_justify="left")
+    score = SCORE_HEADINGS[result.score]
+    table.add_column("rank", justify="right")
+    table.add_column(score, justify="right")
+    table.add_column("label")
+    table.add_column("path")
+    for h in result:
+        table.add_row(
+            str(h.rank), f"{h.score:.4f}", escape(h.label or ""), escape(_display_path(h.path))
         )
-        return
-    rrf = fused or (combine == "rrf" and len(queries) > 1)
-    title = "  +  ".join(f"{r.spec}  |  {m}" for r, m in zip(records, used, strict=True))
-    _print_hits(
-        hits, ("late fusion (rrf): " if fused else "") + title, "rrf score" if rrf else "distance"
-    )
-
-
-def _print_hits(hits: list[Hit], title: str, score: str) -> None:
-    table = Table(title=title, title_justify="left")
-    for name, justify in (("rank", "right"), (score, "right"), ("label", "left"), ("path", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for h in hits:
-        table.add_row(str(h.rank), f"{h.score:.4f}", h.label or "", _display_path(h.path))
     out.print(table)
+    if not result.hits:
+        out.print("no results: the collection holds no vectors for this descriptor yet")
 
 
 def _display_path(path: str) -> str:
@@ -347,7 +358,7 @@ def info(
     )
     table = Table("descriptor", "dim", "default metric", "vectors")
     for d in data["descriptors"]:
-        table.add_row(d["spec"], str(d["dim"]), d["default_metric"], str(d["vectors"]))
+        table.add_row(escape(d["label"]), str(d["dim"]), d["default_metric"], str(d["vectors"]))
     out.print(table)
     files = data["skipped_files"]
     for f in files if skipped else files[:10]:
@@ -404,8 +415,8 @@ def duplicates(
     threshold: Annotated[
         int | None,
         typer.Option(
-            help="Most differing bits for a near duplicate [default: 6 for 64-bit hashes, "
-            "scaled with the hash length].",
+            help="Most differing bits for a near duplicate (default: 6 for 64-bit hashes, "
+            "scaled with the hash length).",
             show_default=False,
         ),
     ] = None,
@@ -414,40 +425,21 @@ def duplicates(
 ) -> None:
     """Find exact duplicates (identical files) and near duplicates (re-encoded, resized or
     lightly edited copies, whose perceptual hashes differ in at most a few bits)."""
-    from cbir.duplicates import collection_duplicates, default_threshold, hash_record
-
     with _user_errors():
         col = _open(collection)
-        record = hash_record(col, descriptor)
-        bits = default_threshold(record.dim) if threshold is None else threshold
-        groups = collection_duplicates(col, descriptor, bits)
-        total = len(col)
+        found = col.duplicates(descriptor, threshold=threshold)
         col.close()
-    exact = [g for g in groups if g.kind == "exact"]
-    near = [g for g in groups if g.kind == "near"]
     if as_json:
-        _print_json(
-            {
-                "descriptor": record.spec,
-                "threshold": bits,
-                "images": total,
-                "exact_groups": len(exact),
-                "near_groups": len(near),
-                "groups": [g.to_dict() for g in groups],
-            }
-        )
+        _print_json(found.to_dict())
         return
-    if not groups:
-        out.print(
-            f"no duplicates among {total} images ({record.spec}, within {bits} bits)",
-            highlight=False,
-            soft_wrap=True,
-        )
+    exact, near = found.exact, found.near
+    among = f"among {found.images} images ({found.descriptor}, within {found.threshold} bits)"
+    if not found.groups:
+        out.print(f"no duplicates {among}", highlight=False, soft_wrap=True)
         return
     out.print(
         f"{len(exact)} group{'s' * (len(exact) != 1)} of identical files and {len(near)} "
-        f"group{'s' * (len(near) != 1)} of near duplicates among {total} images "
-        f"({record.spec}, within {bits} bits)",
+        f"group{'s' * (len(near) != 1)} of near duplicates {among}",
         highlight=False,
         soft_wrap=True,
     )
@@ -481,7 +473,7 @@ def evaluate(
             "--descriptor",
             "--descriptors",
             "-d",
-            help="Descriptors to compare (repeatable) [default: every hand-crafted].",
+            help="Descriptors to compare (repeatable) (default: every hand-crafted).",
         ),
     ] = None,
     metric: Annotated[
@@ -490,8 +482,8 @@ def evaluate(
             "--metric",
             "--metrics",
             "-m",
-            help="Metrics to compare (repeatable or comma-separated) [default: every "
-            "metric that applies].",
+            help="Metrics to compare (repeatable or comma-separated; default: every "
+            "metric that applies).",
         ),
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the report.")] = Path(
@@ -503,7 +495,7 @@ def evaluate(
         int, typer.Option(help="Average query expansion with the top K results (0 = off).")
     ] = 0,
     depth: Annotated[
-        int | None, typer.Option(help="Ranking depth [default: whole collection up to 20,000].")
+        int | None, typer.Option(help="Ranking depth (default: whole collection up to 20,000).")
     ] = None,
     sample_queries: Annotated[
         int | None, typer.Option("--sample-queries", help="Evaluate this many random queries.")
@@ -523,10 +515,9 @@ def evaluate(
     from cbir.evaluation import GridConfig, evaluate_dataset
 
     with _user_errors():
-        metrics_list = [m.strip() for item in metric or [] for m in item.split(",") if m.strip()]
         config = GridConfig(
             descriptors=descriptor or Settings().default_descriptors,
-            metrics=metrics_list or None,
+            metrics=metric or None,
             ks=(k,),
             map_k=map_k,
             expand=expand,
@@ -620,7 +611,9 @@ def metrics(as_json: JsonOpt = False) -> None:
         return
     table = Table("name", "aliases", "description", "formula")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["aliases"]), r["description"], r["formula"])
+        table.add_row(
+            r["name"], ", ".join(r["aliases"]), escape(r["description"]), escape(r["formula"])
+        )
     out.print(table)
 
 
@@ -640,23 +633,23 @@ def demo(
     k: Annotated[int, typer.Option("-k")] = 10,
 ) -> None:
     """Make a demo collection from bundled images, index it and answer a query."""
-    from cbir.demo import make_demo_images
+    from cbir.demo import run_demo
 
-    with _user_errors():
-        images_dir, queries = make_demo_images(folder)
-        out.print(
-            f"demo images in {images_dir} (13 scenes x 8 views), queries in {queries}",
-            highlight=False,
+    with _user_errors(), _progress_bar(show=True) as progress:
+        run = run_demo(
+            folder, collection, descriptor=descriptor, metric=metric, k=k, progress=progress
         )
-        query = queries / "coffee.jpg"
-        with Collection(collection) as col:
-            _print_index_report(_add_with_progress(col, [images_dir], show=True, labels="folder"))
-            record = col.descriptor(descriptor)
-            hits = col.search(query, k, descriptor=descriptor, metric=metric)
-        out.print(f"\nquery: {query}, a view of the coffee scene held out of the collection")
-        _print_hits(hits, f"{record.spec}  |  {metric or record.metric}", "distance")
-        same = sum(h.label == "coffee" for h in hits)
-        out.print(f"{same} of the top {len(hits)} are views of the coffee scene (8 exist).")
+    out.print(
+        f"demo images in {run.images} (13 scenes x 8 views), queries in {run.query.parent}",
+        highlight=False,
+    )
+    _print_index_report(run.report)
+    out.print(f"\nquery: {run.query}, a view of the coffee scene held out of the collection")
+    _print_hits(run.result)
+    out.print(
+        f"{run.right} of the top {len(run.result)} are views of the {run.expected_label} "
+        "scene (8 exist)."
+    )
 
 
 def main() -> None:

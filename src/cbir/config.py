@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cbir.images import DEFAULT_MAX_PIXELS
+from cbir.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from cbir.images import Limits
 
 #: Descriptors a new collection extracts when the user names none: every hand-crafted one is
 #: cheap next to decoding, so one pass over the folder makes them all available for search.
@@ -53,6 +57,8 @@ class Settings:
     workers: int = 0
     #: Images over this many pixels are skipped as decompression bombs.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Files larger than this many bytes are skipped without being read.
+    max_bytes: int = DEFAULT_MAX_BYTES
     #: Results collected before they are written to disk in one transaction.
     flush_every: int = 512
     #: A descriptor's vectors are held in RAM for search when they fit in this many bytes;
@@ -69,10 +75,18 @@ class Settings:
             collection=Path(os.environ.get("CBIR_COLLECTION") or ".cbir"),
             workers=_env_int("CBIR_WORKERS", 0),
             max_pixels=_env_int("CBIR_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            max_bytes=_env_int("CBIR_MAX_BYTES", DEFAULT_MAX_BYTES),
             memory_budget=_env_int("CBIR_MEMORY_BUDGET", 1 << 30),
             flush_every=_env_int("CBIR_FLUSH_EVERY", 512),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def limits(self) -> Limits:
+        """What a file may be before it is refused: bytes read, pixels decoded."""
+        from cbir.images import Limits
+
+        return Limits(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
     @property
     def worker_count(self) -> int:

@@ -8,10 +8,17 @@ Nothing is downloaded, and a search has known right answers: the other views of 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+if TYPE_CHECKING:
+    from cbir.config import Settings
+    from cbir.ingest import IndexReport, ProgressCallback
+    from cbir.search.result import SearchResult
 
 #: (class name, loader) pairs; every file is bundled with the installed packages.
 _SOURCES = (
@@ -76,3 +83,48 @@ def make_demo_images(folder: str | Path, *, views: int = 8, seed: int = 0) -> tu
             target = queries / f"{name}.jpg" if v == views else collection / name / f"{v:02d}.jpg"
             target.write_bytes(buf.getvalue())
     return collection, queries
+
+
+#: The held-out query of the demo and the scene it shows.
+DEMO_QUERY = "coffee"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What ``cbir demo`` did: where the images are, what indexing reported, the answer."""
+
+    images: Path
+    query: Path
+    expected_label: str
+    report: IndexReport
+    result: SearchResult
+
+    @property
+    def right(self) -> int:
+        """How many of the hits are views of the query's scene."""
+        return sum(h.label == self.expected_label for h in self.result)
+
+
+def run_demo(
+    folder: str | Path,
+    collection: str | Path,
+    *,
+    descriptor: str | None = None,
+    metric: str | None = None,
+    k: int = 10,
+    progress: ProgressCallback | None = None,
+    settings: Settings | None = None,
+) -> DemoRun:
+    """Make the demo images, index them into ``collection`` (labelled by folder; with
+    ``descriptor``, that descriptor, else the defaults) and search with the held-out view of
+    the coffee scene."""
+    from cbir.collection import Collection
+
+    images_dir, queries = make_demo_images(folder)
+    query = queries / f"{DEMO_QUERY}.jpg"
+    with Collection(collection, settings=settings) as col:
+        # a descriptor named for the search is the one indexed (else the defaults are)
+        wanted = [descriptor] if descriptor else None
+        report = col.add(images_dir, descriptors=wanted, labels="folder", progress=progress)
+        result = col.search(query, k, descriptor=descriptor, metric=metric)
+    return DemoRun(images_dir, query, DEMO_QUERY, report, result)

@@ -282,6 +282,45 @@ def hash_record(collection: Collection, descriptor: str = "phash") -> Descriptor
     return collection.descriptor(descriptor)
 
 
+@dataclass(frozen=True)
+class DuplicateReport:
+    """The duplicates of a collection, and what found them."""
+
+    descriptor: str  # the hash's short label
+    threshold: int
+    images: int
+    groups: list[DuplicateGroup]
+
+    @property
+    def exact(self) -> list[DuplicateGroup]:
+        return [g for g in self.groups if g.kind == "exact"]
+
+    @property
+    def near(self) -> list[DuplicateGroup]:
+        return [g for g in self.groups if g.kind == "near"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "descriptor": self.descriptor,
+            "threshold": self.threshold,
+            "images": self.images,
+            "exact_groups": len(self.exact),
+            "near_groups": len(self.near),
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+def duplicate_report(
+    collection: Collection, descriptor: str = "phash", threshold: int | None = None
+) -> DuplicateReport:
+    """:func:`collection_duplicates` with the threshold it used and the number of images."""
+    record = hash_record(collection, descriptor)
+    bits = default_threshold(record.dim) if threshold is None else _check_threshold(threshold)
+    groups = collection_duplicates(collection, descriptor, bits)
+    label = create_descriptor(record.spec).short_spec
+    return DuplicateReport(label, bits, len(collection), groups)
+
+
 def collection_duplicates(
     collection: Collection, descriptor: str = "phash", threshold: int | None = None
 ) -> list[DuplicateGroup]:

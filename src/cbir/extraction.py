@@ -2,27 +2,47 @@
 
 Each file is read once: the same bytes are hashed (to notice changed content) and decoded, at the
 smallest size the requested descriptors allow, and every descriptor gets its array from that one
-decode. Work is shipped to worker processes in chunks of paths; the parent only writes results.
+decode. Work is shipped to worker processes in chunks of tasks; the parent only delivers results.
+
+Why a run loses nothing:
+
+- Stopping (an event, or Ctrl-C, which sets it) only stops submitting: chunks already running
+  finish and are delivered whole, so a caller never sees half a chunk, and a second Ctrl-C
+  interrupts at once.
+- A worker that dies (a decoder segfault, an out-of-memory kill) breaks the pool, and every chunk
+  in flight fails with it, through no fault of most of them. Results delivered before are kept;
+  the failed chunks are retried file by file in a fresh pool, and a file in flight when a pool
+  dies again is retried alone, so the file that kills a worker on its own is reported skipped
+  and the rest are delivered. Each file climbs these steps at most once each, so the retries end;
+  pools that keep dying without delivering anything, even on work no crash has touched, stop
+  the run with :class:`WorkerCrashError` (see :data:`MAX_FRUITLESS_RESTARTS`).
+- Workers die with the parent (a parent-death signal on Linux), so a killed run leaves no worker
+  or resource-tracker process behind.
+
+Each delivered path is delivered exactly once: a chunk's results come back together or not at
+all, and only what did not come back is retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import multiprocessing
 import os
 import signal
-import stat
+import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from itertools import islice
-from typing import Any
 
 import numpy as np
 
 from cbir import images
+from cbir.errors import UnavailableError
 from cbir.features import Descriptor, create_descriptor
 from cbir.store import ImageUpdate
 
@@ -65,10 +85,14 @@ def _descriptor(spec: str, states: StateFiles | None = None) -> Descriptor:
     return _DESCRIPTORS[key]
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    """Set up a worker process: no Ctrl-C (the parent stops the run), one thread per library,
+    and, given the parent's pid, death with the parent."""
     # The parent handles Ctrl-C and tells the workers to stop; each worker uses one thread so
     # two workers on two cores do not fight over them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     os.environ["CBIR_WORKER"] = "1"  # read by the deep backbones: one PyTorch thread each
     import cv2
     from threadpoolctl import threadpool_limits
@@ -77,19 +101,34 @@ def _init_worker() -> None:
     threadpool_limits(1)  # NumPy's BLAS too (bovw's word assignment, cnnp's head)
 
 
-def _read(path: str) -> tuple[bytes, os.stat_result]:
+#: ``PR_SET_PDEATHSIG`` of ``<linux/prctl.h>``
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; elsewhere do nothing.
+
+    Without it a SIGKILLed parent leaves its idle workers waiting on their queue for ever (each
+    holds the queue's write end too), and with them the resource tracker, which exits only once
+    every process holding its pipe has. The signal is sent when the parent *thread* that spawned
+    the worker ends; :func:`run_tasks` spawns from the calling thread and shuts its pools down
+    before it returns, so that thread outlives the workers. If the parent died before the
+    signal was set, the worker has already been re-parented, and exits now.
+    """
+    if not sys.platform.startswith("linux"):
+        return
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise images.ImageError("not a regular file")
-        with open(path, "rb") as fh:
-            return fh.read(), st
-    except OSError as exc:
-        raise images.ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no C library to ask (an unusual build): skip it
+        return
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def extract_chunk(
-    tasks: Sequence[Task], max_pixels: int, states: StateFiles | None = None
+    tasks: Sequence[Task], limits: images.Limits, states: StateFiles | None = None
 ) -> list[ImageUpdate]:
     """Process a chunk of files; never raises for a bad file, which comes back as skipped."""
     updates: list[ImageUpdate] = []
@@ -103,7 +142,7 @@ def extract_chunk(
             if task.array is not None:
                 data = np.ascontiguousarray(task.array)
             else:
-                data, st = _read(task.path)
+                data, st = images.read_file(task.path, limits.max_bytes)
                 update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
             update.sha256 = hashlib.sha256(data).hexdigest()
             specs = task.specs
@@ -117,12 +156,16 @@ def extract_chunk(
             if isinstance(data, np.ndarray):
                 image = images.from_array(data)
             else:
-                image = images.decode(data, max_side=side, max_pixels=max_pixels, shrink=False)
+                image = images.decode(
+                    data, max_side=side, max_pixels=limits.max_pixels, shrink=False
+                )
             update.width, update.height = image.info.get("original_size", image.size)
             arrays = images.prepare_arrays(image, [d.input_spec for d in descriptors])
             decoded.append((update, dict(zip(specs, arrays, strict=True))))
         except images.ImageError as exc:
             update.status, update.reason = "skipped", exc.reason
+            if exc.file_stat is not None:  # refused from its status: not retried until it changes
+                update.size, update.mtime_ns = exc.file_stat.st_size, exc.file_stat.st_mtime_ns
         except Exception as exc:  # a decoder bug must not end the run
             update.status, update.reason = "skipped", f"{type(exc).__name__}: {exc}"
     _transform_all(decoded, states)
@@ -163,31 +206,38 @@ def _transform_all(
 
 
 @contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[threading.Event]:
-    """Turn the first Ctrl-C into a flag the loop checks, so it never lands mid-write.
+def _stop_event(cancel: threading.Event | None) -> Iterator[threading.Event]:
+    """The event that stops a run: ``cancel``, or a new one; in the main thread the first
+    Ctrl-C sets it (a flag the loop checks, so it never lands mid-write).
 
-    A second Ctrl-C gets Python's default behaviour back and interrupts at once.
+    A second Ctrl-C gets the previous behaviour back (Python's: KeyboardInterrupt at once).
+    Other threads cannot set signal handlers, so there only the event stops a run. A Ctrl-C
+    that was being ignored stays ignored.
     """
-    stop = threading.Event()
+    stop = cancel if cancel is not None else threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread
+        yield stop
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield stop
+        return
+    restore = signal.default_int_handler if previous is None else previous  # None: set in C
 
     def on_sigint(signum: int, frame: object) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, restore)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, restore)
 
 
 @contextlib.contextmanager
 def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while worker processes are spawned.
+    """Ignore SIGINT while worker processes may be spawned (on submit).
 
     An ignored signal stays ignored across fork and exec, and Python keeps it so at start-up, so
     a Ctrl-C that reaches the whole process group cannot kill a worker before its initializer
@@ -203,82 +253,284 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class WorkerCrashError(UnavailableError):
+    """Extraction workers keep dying before they deliver anything (out of memory, a broken
+    install or plug-in): the run stopped; what was delivered before is kept."""
+
+
+#: A pool that dies before delivering any result, this many times in a row (not counting a death
+#: that singled out the file that caused it), means the workers cannot run here at all:
+#: :func:`run_tasks` then raises :class:`WorkerCrashError` instead of trying again. After such a
+#: death the next pool first runs, on its own, a chunk no crash has touched: if it comes back,
+#: workers can run and the crashes are the files' (the count starts again), so a cluster of bad
+#: files is isolated to the last one; if it dies too, the machine is the likelier cause (memory,
+#: a broken install or plug-in), and no file is blamed for it.
+MAX_FRUITLESS_RESTARTS = 3
+#: Chunks kept in flight per worker process: enough that none waits for the parent.
+CHUNKS_PER_WORKER = 3
+#: How often (seconds) the parent looks at the stop event while it waits for results.
+POLL_SECONDS = 0.25
+#: The reason given for a file whose worker died while processing it, again when on its own.
+CRASH_REASON = (
+    "the decoder crashed (the worker process died while reading this file, "
+    "also when it was retried on its own)"
+)
+
+# How a piece of work runs after crashes: a chunk; one file, as many at once as there are
+# workers; one file with nothing else in flight. A failed piece moves one step down.
+_CHUNK, _SINGLE, _ALONE = 0, 1, 2
+
+
+@dataclass
+class _Work:
+    tasks: tuple[Task, ...]
+    step: int
+    #: position of its first task in the run: retries go in the order of the run
+    order: int
+    #: a chunk no crash has touched, run on its own to see whether workers can run at all
+    probe: bool = False
+
+
 def run_tasks(
     tasks: Sequence[Task],
     *,
     workers: int,
-    max_pixels: int,
-    chunk_size: int = 16,
+    limits: images.Limits,
     on_result: Callable[[ImageUpdate], None],
     states: StateFiles | None = None,
-) -> None:
-    """Process ``tasks`` on ``workers`` processes, calling ``on_result`` in the parent for each.
+    cancel: threading.Event | None = None,
+    chunk_size: int = 16,
+) -> bool:
+    """Process ``tasks`` on ``workers`` processes, calling ``on_result`` in the calling thread
+    once for each task delivered; True when every task was delivered, False when stopped.
 
-    Chunks are submitted a few at a time so memory stays bounded. Ctrl-C stops submitting,
-    lets the chunks already running finish (their results are delivered, nothing is written
-    half-way), then raises KeyboardInterrupt for the caller to report.
+    ``cancel`` (or, in the main thread, the first Ctrl-C, which sets it) stops the run: no new
+    chunk starts, the chunks already running finish and are delivered, then it returns False.
+    A second Ctrl-C raises KeyboardInterrupt at once. It may be called from any thread; in a
+    thread other than the main one only ``cancel`` stops it.
+
+    With ``workers > 1`` the work runs in a pool of worker processes (at most one per chunk),
+    chunks submitted a few at a time so memory stays bounded; a small run gets smaller chunks so
+    every worker has some. A worker that dies loses nothing: see the module's docstring. When
+    :data:`MAX_FRUITLESS_RESTARTS` fresh pools in a row die before delivering anything, it
+    raises :class:`WorkerCrashError`, after delivering everything that had finished; what it
+    did not deliver is not recorded, so running again continues with it. With ``workers <= 1``
+    (the only in-process case: a small run with more workers still gets a pool) the work runs
+    in this process, a chunk at a time, checking the event between chunks: a crash there (e.g.
+    ``os._exit`` or a segfault in a decoder) ends the process itself.
     """
-    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    with _deferred_interrupt() as stop:
-        if workers <= 1 or len(chunks) <= 2:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    with _stop_event(cancel) as stop:
+        if workers <= 1:
+            chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
             for chunk in chunks:
                 if stop.is_set():
+                    return False
+                for update in extract_chunk(chunk, limits, states):
+                    on_result(update)
+            return True
+        size = max(1, min(chunk_size, -(-len(tasks) // workers)))
+        chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+        return _PoolRun(chunks, workers, limits, on_result, stop, states).run()
+
+
+def _starts(chunks: Sequence[Sequence[Task]]) -> Iterator[tuple[Sequence[Task], int]]:
+    start = 0
+    for chunk in chunks:
+        yield chunk, start
+        start += len(chunk)
+
+
+class _PoolRun:
+    """One run on worker processes, through as many pools as crashes need."""
+
+    def __init__(
+        self,
+        chunks: Sequence[Sequence[Task]],
+        workers: int,
+        limits: images.Limits,
+        on_result: Callable[[ImageUpdate], None],
+        stop: threading.Event,
+        states: StateFiles | None,
+    ) -> None:
+        self.workers = workers
+        self.limits = limits
+        self.on_result = on_result
+        self.stop = stop
+        self.states = states
+        self.queues: dict[int, deque[_Work]] = {
+            _CHUNK: deque(_Work(tuple(c), _CHUNK, start) for c, start in _starts(chunks)),
+            _SINGLE: deque(),
+            _ALONE: deque(),
+        }
+        self.inflight: dict[Future[list[ImageUpdate]], _Work] = {}
+        self.undelivered = sum(len(c) for c in chunks)
+        self.fruitless = 0  # pools in a row that died without delivering anything
+        self.probe_next = False  # the next pool first runs a probe (after a fruitless death)
+
+    def run(self) -> bool:
+        pool: ProcessPoolExecutor | None = None
+        broken = False  # the current pool died; its work in flight is failing
+        fruitful = False  # the current pool delivered something
+        failed: list[_Work] = []
+        try:
+            while True:
+                stopping = self.stop.is_set()
+                if stopping:
+                    for future in self.inflight:
+                        future.cancel()  # chunks not started yet; running ones still deliver
+                if not self.inflight and (stopping or not self._queued()):
                     break
-                for update in extract_chunk(chunk, max_pixels, states):
-                    on_result(update)
-        else:
-            _run_pool(chunks, workers, max_pixels, on_result, stop, states)
-        if stop.is_set():
-            raise KeyboardInterrupt
+                if pool is None and not self.inflight:
+                    pool, broken, fruitful, failed = self._new_pool(), False, False, []
+                if not (stopping or broken) and pool is not None:
+                    broken = self._fill(pool)
+                if self.inflight:
+                    done, _ = wait(self.inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        work = self.inflight.pop(future)
+                        if future.cancelled():
+                            continue
+                        if isinstance(future.exception(), BrokenProcessPool):
+                            broken = True
+                            failed.append(work)
+                            continue
+                        for update in future.result():
+                            self.on_result(update)
+                        self.undelivered -= len(work.tasks)
+                        fruitful = True
+                if broken and not self.inflight and pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = None
+                    if not self.stop.is_set():
+                        self._recover(failed, fruitful)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return self.undelivered == 0
 
+    def _queued(self) -> bool:
+        return any(self.queues.values())
 
-def _run_pool(
-    chunks: list[Sequence[Task]],
-    workers: int,
-    max_pixels: int,
-    on_result: Callable[[ImageUpdate], None],
-    stop: threading.Event,
-    states: StateFiles | None,
-) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
-    todo = iter(chunks)
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pending = sum(len(q) for q in self.queues.values())
+        return ProcessPoolExecutor(
+            max_workers=max(1, min(self.workers, pending)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
 
-    def submit(chunk: Sequence[Task]) -> Any:
-        return pool.submit(extract_chunk, chunk, max_pixels, states)
+    def _next(self) -> _Work | None:
+        """The next piece of work that may start now, by the rules of its step."""
+        if any(w.step == _ALONE or w.probe for w in self.inflight.values()):
+            return None
+        if self.probe_next and self.queues[_CHUNK]:
+            if self.inflight:
+                return None
+            self.probe_next = False
+            work = self.queues[_CHUNK].popleft()
+            work.probe = True
+            return work
+        if self.queues[_ALONE]:
+            return None if self.inflight else self.queues[_ALONE].popleft()
+        if self.queues[_SINGLE]:
+            if len(self.inflight) < self.workers:
+                return self.queues[_SINGLE].popleft()
+            return None
+        if self.queues[_CHUNK] and len(self.inflight) < self.workers * CHUNKS_PER_WORKER:
+            return self.queues[_CHUNK].popleft()
+        return None
 
-    try:
-        with _sigint_ignored():  # the workers start now and inherit it: no Ctrl-C mid-import
-            pending = {submit(c) for c in islice(todo, workers * 3)}
-        while pending:
-            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            for future in done:
-                if future.cancelled():
-                    continue
-                for update in future.result():
-                    on_result(update)
-                if not stop.is_set():
-                    pending |= {submit(c) for c in islice(todo, 1)}
-            if stop.is_set():
-                for future in pending:
-                    future.cancel()  # chunks not started yet; running ones still deliver
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    def _fill(self, pool: ProcessPoolExecutor) -> bool:
+        """Submit what may start; True when the pool turned out to be broken."""
+        with _sigint_ignored():  # workers start on submit and inherit it: no Ctrl-C mid-import
+            while (work := self._next()) is not None:
+                try:
+                    future = pool.submit(extract_chunk, work.tasks, self.limits, self.states)
+                except BrokenProcessPool:
+                    work.probe = False
+                    self.queues[work.step].appendleft(work)  # never ran: no suspicion
+                    return True
+                self.inflight[future] = work
+        return False
+
+    def _recover(self, failed: list[_Work], fruitful: bool) -> None:
+        """After a pool died: blame the file that died alone, move the rest one step down."""
+        if fruitful:
+            self.fruitless = 0
+        if len(failed) == 1 and failed[0].step >= _SINGLE:
+            self._blame(failed[0].tasks[0])  # suspected before, and on its own this time
+            return
+        for work in sorted(failed, key=lambda w: w.order):
+            if work.step == _CHUNK:
+                self.queues[_SINGLE].extend(
+                    _Work((t,), _SINGLE, work.order + i) for i, t in enumerate(work.tasks)
+                )
+            elif work.step == _SINGLE:
+                self.queues[_ALONE].append(_Work(work.tasks, _ALONE, work.order))
+            else:  # not reached: nothing runs beside a piece run alone
+                self._blame(work.tasks[0])
+        self.fruitless = 0 if fruitful else self.fruitless + 1
+        self.probe_next = not fruitful
+        if self.fruitless >= MAX_FRUITLESS_RESTARTS:
+            raise WorkerCrashError(
+                f"extraction worker processes died {self.fruitless} times in a row before "
+                "finishing any file (out of memory? a broken install or descriptor plug-in?); "
+                "the files finished before are kept and running again continues; fewer workers "
+                "(CBIR_WORKERS) need less memory, and CBIR_WORKERS=1 shows the error in-process"
+            )
+
+    def _blame(self, task: Task) -> None:
+        update = ImageUpdate(
+            path=task.path,
+            size=None,
+            mtime_ns=None,
+            sha256=None,
+            status="skipped",
+            reason=CRASH_REASON,
+            label=task.label,
+        )
+        if task.array is None:
+            with contextlib.suppress(OSError):  # its size and time: not retried until it changes
+                st = os.stat(task.path)
+                update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
+        self.on_result(update)
+        self.undelivered -= 1
 
 
 def extract_arrays(
-    source: str | os.PathLike[str] | bytes, descriptor: Descriptor, *, max_pixels: int
+    source: str | os.PathLike[str] | bytes,
+    descriptor: Descriptor,
+    *,
+    limits: images.Limits,
+    decoded_with: Sequence[Descriptor] = (),
 ) -> np.ndarray:
-    """The array a descriptor sees for one image (path or encoded bytes); raises ImageError."""
+    """The array a descriptor sees for one image (path or encoded bytes); raises ImageError.
+
+    ``decoded_with``: the other descriptors the pipeline extracts together with this one. The
+    image is then decoded at the size their one shared decode uses (:func:`extract_chunk`), so
+    the array, and the vector, equal what indexing the file would store: a JPEG's reduced-size
+    draft decode differs slightly from a full decode shrunk to the same size.
+    """
     spec = descriptor.input_spec
-    data = source if isinstance(source, bytes) else _read(os.fspath(source))[0]
-    image = images.decode(data, max_side=spec.decode_side, max_pixels=max_pixels, shrink=False)
+    data = source if isinstance(source, bytes) else images.read_file(source, limits.max_bytes)[0]
+    side = _decode_side([descriptor, *decoded_with])
+    image = images.decode(data, max_side=side, max_pixels=limits.max_pixels, shrink=False)
     return images.to_array(image, spec)
 
 
 def extract_images(
-    sources: Sequence[str | os.PathLike[str] | bytes], descriptor: Descriptor, *, max_pixels: int
+    sources: Sequence[str | os.PathLike[str] | bytes],
+    descriptor: Descriptor,
+    *,
+    limits: images.Limits,
+    decoded_with: Sequence[Descriptor] = (),
 ) -> np.ndarray:
-    """Vectors of a few query images (paths or encoded bytes), in-process; raises ImageError."""
-    arrays = [extract_arrays(s, descriptor, max_pixels=max_pixels) for s in sources]
+    """Vectors of a few query images (paths or encoded bytes), in-process; raises ImageError.
+    ``decoded_with`` as in :func:`extract_arrays`."""
+    arrays = [
+        extract_arrays(s, descriptor, limits=limits, decoded_with=decoded_with) for s in sources
+    ]
     return np.asarray(descriptor.transform(arrays), dtype=np.float32)

@@ -2,7 +2,8 @@
 
 Layout of a collection directory::
 
-    catalogue.sqlite          images, descriptors, segments, vectors (which row of which file)
+    catalogue.sqlite          images, descriptors, segments, vectors (which row of which file),
+                              the change feed (a generation per descriptor and a log)
     vectors/<descriptor id>/<uuid>.npy   immutable float32 segments, one per flushed batch
     models/<descriptor id>.npz           what a fitted descriptor learned from the collection
     lock                      held by the one process that writes
@@ -12,6 +13,38 @@ Why segments: a batch of vectors is written to a new file (temp name, fsync, ato
 leaves either the previous consistent state or the new one, plus at worst an orphan file, which
 the next writer deletes. Re-extracted or removed images leave dead rows behind; ``compact``
 rewrites a descriptor's live rows into one segment when enough are dead or segments are many.
+
+The change feed: every descriptor has a generation, bumped in the same transaction as every
+write or removal of its vectors, and a log of (generation, image id, added | removed). An index
+built at generation ``g`` asks :meth:`Store.changes_since` what changed after ``g`` and applies
+only that, instead of reloading every vector; the log is pruned to a bound (see
+``LOG_MIN_ROWS``), below which the answer is "rebuild" (``reset``). Dropping all of a
+descriptor's vectors (a refit, a new vector length) is such a reset too. Compaction moves rows
+between files without changing any vector, so it bumps nothing.
+
+Processes and threads:
+
+- One process writes at a time: the writer holds an exclusive ``flock`` on ``lock``. Within a
+  process, one thread at a time: the thread that called :meth:`Store.acquire` owns the writer
+  until it calls :meth:`Store.release`; a write method called by a thread that does not own it
+  takes the writer for that one call. A thread that wants to write while another thread or
+  process holds the writer gets :class:`~cbir.errors.BusyError` at once rather than waiting: a
+  writer usually holds the lock for a whole indexing run, a caller that waited would hang for that
+  long, and the caller (a CLI run, a request of the service) knows best whether to retry.
+- Every thread has its own SQLite connection (opened on first use, all closed by
+  :meth:`Store.close`), as SQLite connections must not be shared by threads mid-statement. The
+  catalogue is in WAL mode, so readers read the last committed state and never wait for the
+  writer, nor the writer for them. A read that needs several queries runs them in one read
+  transaction, so it sees one snapshot.
+- Why writes are safe: they are serialised (the in-process lock and the ``flock``); each is
+  new files first, then one transaction; and compaction deletes a replaced segment file only
+  after the commit that stops referring to it. A reader whose snapshot still names that file
+  finds it gone, and reads again from a fresh snapshot (a file it has already mapped stays
+  readable after the deletion); a file missing from the newest snapshot is corruption.
+
+Format versions: 1 had no change feed. This code reads version 1 as it is (every generation 0:
+its vectors are the state at generation 0) and upgrades it in place to version 2 when it first
+takes the write lock; a newer format than it knows is refused.
 """
 
 from __future__ import annotations
@@ -21,63 +54,137 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from cbir.errors import (
+    BusyError,
+    CorruptError,
+    InvalidRequestError,
+    NotFoundError,
+    UnavailableError,
+)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
-    sha256 TEXT,
-    size INTEGER,
-    mtime_ns INTEGER,
-    status TEXT NOT NULL CHECK (status IN ('ok', 'skipped')),
-    reason TEXT,
-    label TEXT,
-    width INTEGER,
-    height INTEGER,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS descriptors (
-    id INTEGER PRIMARY KEY,
-    spec TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    params TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    metric TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS segments (
-    id INTEGER PRIMARY KEY,
-    descriptor_id INTEGER NOT NULL REFERENCES descriptors(id) ON DELETE CASCADE,
-    file TEXT NOT NULL UNIQUE,
-    rows INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS vectors (
-    descriptor_id INTEGER NOT NULL REFERENCES descriptors(id) ON DELETE CASCADE,
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    segment_id INTEGER NOT NULL REFERENCES segments(id),
-    row INTEGER NOT NULL,
-    PRIMARY KEY (descriptor_id, image_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS vectors_by_segment ON vectors (segment_id);
-"""
+#: The catalogue format this code writes (and the newest it reads). 2 added the change feed.
+FORMAT_VERSION = 2
 
+#: A descriptor's change log is pruned once it holds more rows than the larger of this floor
+#: (so a reader a few batches behind a small collection never has to rebuild) ...
+LOG_MIN_ROWS = 10_000
+#: ... and this many rows per stored vector of the descriptor (measured when the log passes the
+#: previous bound): past that, replaying the log costs more than reloading every vector.
+LOG_ROWS_PER_VECTOR = 2
+#: Pruning keeps the newest generations holding at most this fraction of the bound, so that it
+#: runs once per many writes rather than on every write once the bound is reached.
+LOG_KEEP_FRACTION = 0.5
+
+#: A descriptor is compacted when it has more segment files than this (each read opens them all)
+MAX_SEGMENTS = 8
+#: ... or when more than this fraction of its stored rows are dead (replaced or removed).
+MAX_DEAD_FRACTION = 0.25
+#: Rows copied at a time by compaction: bounds its memory, whatever the collection's size.
+COMPACT_BLOCK_ROWS = 65536
+#: How long an SQLite statement waits for a lock held by another connection (WAL checkpoints,
+#: two processes creating the same new collection) before it fails.
+SQLITE_TIMEOUT_SECONDS = 30.0
+#: Snapshots a read tries when the segment files its snapshot names were compacted away under
+#: it; compaction runs at most once per write, so a second snapshot almost always suffices.
+READ_ATTEMPTS = 3
+#: The oldest SQLite with what the catalogue's statements use (RETURNING; JSON functions, which
+#: SQLite builds in from 3.38 and distributions enabled before).
+MIN_SQLITE = (3, 35, 0)
+
+_ADDED = "added"
+_REMOVED = "removed"
+
+#: Version 1: the catalogue and its vector segments.
+_SCHEMA_V1 = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS images (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        sha256 TEXT,
+        size INTEGER,
+        mtime_ns INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'skipped')),
+        reason TEXT,
+        label TEXT,
+        width INTEGER,
+        height INTEGER,
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS descriptors (
+        id INTEGER PRIMARY KEY,
+        spec TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        params TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        metric TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS segments (
+        id INTEGER PRIMARY KEY,
+        descriptor_id INTEGER NOT NULL REFERENCES descriptors(id) ON DELETE CASCADE,
+        file TEXT NOT NULL UNIQUE,
+        rows INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS vectors (
+        descriptor_id INTEGER NOT NULL REFERENCES descriptors(id) ON DELETE CASCADE,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        segment_id INTEGER NOT NULL REFERENCES segments(id),
+        row INTEGER NOT NULL,
+        PRIMARY KEY (descriptor_id, image_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS vectors_by_segment ON vectors (segment_id)",
+)
+
+#: Version 2 adds the change feed, and an index that lets removing an image find its vectors
+#: (and the log record them) without scanning every vector.
+_SCHEMA_V2 = (
+    """CREATE TABLE IF NOT EXISTS feed (
+        descriptor_id INTEGER PRIMARY KEY REFERENCES descriptors(id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL,  -- bumped by each transaction writing or dropping vectors
+        floor INTEGER NOT NULL,       -- the log holds every change after this generation
+        logged INTEGER NOT NULL,      -- rows in its log (at most; recounted when pruning)
+        log_bound INTEGER NOT NULL    -- prune once logged exceeds this (re-measured then)
+    )""",
+    """CREATE TABLE IF NOT EXISTS changes (
+        descriptor_id INTEGER NOT NULL REFERENCES descriptors(id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL,
+        image_id INTEGER NOT NULL,    -- no foreign key: a removed image stays in the log
+        op TEXT NOT NULL CHECK (op IN ('added', 'removed')),
+        PRIMARY KEY (descriptor_id, generation, image_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS vectors_by_image ON vectors (image_id)",
+)
 
 _IMAGE_COLUMNS = "id, path, sha256, size, mtime_ns, status, reason, label, width, height"
 
+#: Image ids a write works on, in a per-connection temporary table (any number of them, no
+#: host-parameter limit).
+_SCRATCH_TABLE = "scratch_ids"
+_SCRATCH = f"temp.{_SCRATCH_TABLE}"
+#: Where compaction puts each live image's row in the new segment.
+_MOVED_TABLE = "moved_rows"
+_MOVED = f"temp.{_MOVED_TABLE}"
 
-class StoreError(Exception):
-    """A collection that cannot be opened or written, with the reason."""
+_T = TypeVar("_T")
+
+
+class _SegmentVanishedError(Exception):
+    """A segment file named by a read's snapshot is gone (compacted away, or lost)."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(str(path))
+        self.path = path
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -125,47 +232,77 @@ class ImageUpdate:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What happened to a descriptor's vectors after some generation (see ``changes_since``)."""
+
+    #: the descriptor's generation now: ask for changes since this one next time
+    generation: int
+    #: int64 image ids whose vectors were written (new or replaced) since
+    added: np.ndarray
+    #: int64 image ids whose vectors are gone since (and not written again)
+    removed: np.ndarray
+    #: the log does not reach back that far, or every vector was replaced: rebuild from scratch
+    reset: bool
+
+
+def _no_ids() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
 class Store:
-    """The catalogue and vector files of one collection directory."""
+    """The catalogue and vector files of one collection directory, safe to share by threads."""
 
     def __init__(self, root: str | Path, *, create: bool = True) -> None:
         self.root = Path(root)
-        db = self.root / "catalogue.sqlite"
-        if not db.exists():
+        if self.root.exists() and not self.root.is_dir():
+            raise InvalidRequestError(
+                f"{self.root} is a file, not a collection directory (choose a folder with "
+                "--collection / CBIR_COLLECTION)"
+            )
+        self._path = self.root / "catalogue.sqlite"
+        if not self._path.exists():
             if not create:
-                raise StoreError(
+                raise NotFoundError(
                     f"no collection at {self.root} (run `cbir index DIR` to create one, "
                     "or choose another with --collection / CBIR_COLLECTION)"
                 )
-            if self.root.exists() and not self.root.is_dir():
-                raise StoreError(f"{self.root} exists and is not a directory")
             self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(db, timeout=30.0, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the catalogue {db}: {exc}") from exc
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        version = self._meta("format_version")
-        if version is None:
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
-            )
-        elif int(version) > FORMAT_VERSION:
-            raise StoreError(
-                f"{self.root} was written by a newer cbir (format {version}); "
-                f"this one reads format {FORMAT_VERSION}: upgrade cbir"
-            )
+        self._local = threading.local()
+        #: every thread's connection, by thread: close() closes them all
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        # the writer: the in-process lock, the thread holding it and its flock'ed file
+        self._write_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
         self._lock_file: Any = None
+        try:
+            if sqlite3.sqlite_version_info < MIN_SQLITE:
+                raise UnavailableError(
+                    f"cbir needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python "
+                    f"has {sqlite3.sqlite_version}"
+                )
+            db = self._conn()
+            version = self._read_format(db)
+            if version is None:
+                db.execute("PRAGMA journal_mode=WAL")  # persists in the file
+                self._create(db)
+                version = FORMAT_VERSION
+            self._check_format(version)
+            self._format = version
+        except BaseException:
+            self._close_connections()
+            raise
 
     # -- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the catalogue and release the write lock."""
-        self.release()
-        self._db.close()
+        """Release the write lock and close every thread's connection (call it when no other
+        thread is using the store)."""
+        if self._writer is not None:
+            self._give_back()
+        self._closed = True
+        self._close_connections()
 
     def __enter__(self) -> Store:
         return self
@@ -173,45 +310,205 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        if self._closed:
+            raise sqlite3.ProgrammingError(f"the store of {self.root} is closed")
+        try:
+            # check_same_thread=False only so that close() may close every thread's connection;
+            # each connection is used by its own thread alone
+            db = sqlite3.connect(
+                self._path,
+                timeout=SQLITE_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise CorruptError(f"cannot open the catalogue {self._path}: {exc}") from exc
+        with self._connections_lock:
+            # a service may run each request in a new thread: close the connections of threads
+            # that have ended, so their number stays that of the live threads
+            ended = [t for t in self._connections if not t.is_alive()]
+            for t in ended:
+                self._connections.pop(t).close()
+            self._connections[threading.current_thread()] = db
+        self._local.db = db
+        return db
+
+    def _close_connections(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, {}
+        for db in connections.values():
+            db.close()
+        self._local = threading.local()
+
     def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    # -- format ------------------------------------------------------------------------------------
+    def _read_format(self, db: sqlite3.Connection) -> int | None:
+        """The catalogue's format version, or None for a catalogue not created yet."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        except sqlite3.OperationalError:
+            tables = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise CorruptError(
+                    f"{self._path} is not a cbir catalogue (it has no meta table)"
+                ) from None
+            return None
+        except sqlite3.DatabaseError as exc:
+            raise CorruptError(f"{self._path} is not a readable cbir catalogue: {exc}") from exc
+        return None if row is None else int(row[0])
 
-    def acquire(self) -> None:
-        """Take the collection's write lock (one writer at a time) and clean up after crashes."""
-        if self._lock_file is not None:
-            return
-        handle = open(self.root / "lock", "a+")  # noqa: SIM115 - held until release()
+    def _check_format(self, version: int) -> None:
+        if version > FORMAT_VERSION:
+            raise UnavailableError(
+                f"{self.root} was written by a newer cbir (format {version}); this one reads "
+                f"formats up to {FORMAT_VERSION}: upgrade cbir"
+            )
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        """Create a new collection's catalogue (idempotent: two processes may race here)."""
+        with self._transaction_on(db):
+            for statement in (*_SCHEMA_V1, *_SCHEMA_V2):
+                db.execute(statement)
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
+            )
+
+    def _upgrade(self) -> None:
+        """Bring the catalogue to FORMAT_VERSION in place (the caller holds the write lock)."""
+        db = self._conn()
+        version = self._read_format(db) or FORMAT_VERSION
+        self._check_format(version)
+        if version < FORMAT_VERSION:
+            with self._transaction_on(db):
+                for statement in _SCHEMA_V2:
+                    db.execute(statement)
+                # the vectors as they are make generation 0, whose log is empty
+                db.execute("INSERT OR IGNORE INTO feed SELECT id, 0, 0, 0, 0 FROM descriptors")
+                db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'format_version'",
+                    (str(FORMAT_VERSION),),
+                )
+        self._format = FORMAT_VERSION
+
+    def _has_feed(self) -> bool:
+        """Whether the catalogue has the change feed yet (another process may have just
+        upgraded it)."""
+        if self._format < FORMAT_VERSION:
+            self._format = self._read_format(self._conn()) or FORMAT_VERSION
+        return self._format >= FORMAT_VERSION
+
+    # -- transactions --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction_on(self, db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StoreError(
-                f"{self.root} is being written by another cbir process; wait for it to finish"
-            ) from None
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction on this thread's connection."""
+        return self._transaction_on(self._conn())
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Run several reads against one committed state (inside a transaction: that one)."""
+        db = self._conn()
+        if db.in_transaction:
+            yield db
+            return
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")  # ends the read snapshot; nothing was written
+
+    def _read_segments(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``read`` in a snapshot, again in a fresh one if its segment files were compacted
+        away meanwhile; a file missing from the newest snapshot is corruption."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with self._snapshot() as db:
+                    return read(db)
+            except _SegmentVanishedError as gone:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise CorruptError(
+                        f"vector file {gone.path} is missing or unreadable: {gone.cause}"
+                    ) from gone.cause
+        raise AssertionError("unreachable")
+
+    # -- the writer ----------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Make this thread the collection's writer until :meth:`release`: take the in-process
+        lock and the ``flock`` (``BusyError`` at once if another thread or process holds them),
+        upgrade an older format, and delete what a killed run left behind."""
+        me = threading.current_thread()
+        if self._writer is me:
+            return
+        if not self._write_lock.acquire(blocking=False):
+            raise BusyError(
+                f"{self.root} is being written by another thread of this process; "
+                "wait for it to finish"
+            )
+        try:
+            handle = open(self.root / "lock", "a+")  # noqa: SIM115 - held until release()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise BusyError(
+                    f"{self.root} is being written by another cbir process; wait for it to finish"
+                ) from None
+            try:
+                self._upgrade()
+                self._remove_orphans()
+            except BaseException:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+                raise
+        except BaseException:
+            self._write_lock.release()
+            raise
         self._lock_file = handle
-        self._remove_orphans()
+        self._writer = me
 
     def release(self) -> None:
-        """Give the write lock back."""
+        """Give the write lock back (only the thread holding it can)."""
+        if self._writer is threading.current_thread():
+            self._give_back()
+
+    def _give_back(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
+        self._writer = None
+        self._write_lock.release()
 
-    def _require_lock(self) -> None:
-        if self._lock_file is None:
-            self.acquire()
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writer for one write: this thread's own, or taken for this call only."""
+        if self._writer is threading.current_thread():
+            yield
+            return
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
     def _segment_path(self, descriptor_id: int, file: str) -> Path:
         return self.root / "vectors" / str(descriptor_id) / file
@@ -223,7 +520,7 @@ class Store:
             return
         known = {
             (str(r["descriptor_id"]), r["file"])
-            for r in self._db.execute("SELECT descriptor_id, file FROM segments")
+            for r in self._conn().execute("SELECT descriptor_id, file FROM segments")
         }
         for sub in vectors_dir.iterdir():
             if not sub.is_dir():
@@ -233,6 +530,59 @@ class Store:
                     f.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 sub.rmdir()  # only succeeds when empty (a dropped descriptor)
+
+    # -- the change feed -------------------------------------------------------------------------
+    def generation(self, descriptor_id: int) -> int:
+        """A descriptor's generation: bumped by every write or removal of its vectors."""
+        gens = self.generations()
+        if descriptor_id not in gens:
+            raise NotFoundError(f"this collection has no descriptor with id {descriptor_id}")
+        return gens[descriptor_id]
+
+    def generations(self) -> dict[int, int]:
+        """Every descriptor's generation in one query: cheap enough to ask before each search
+        whether an index is still in step."""
+        if not self._has_feed():
+            # format 1: the vectors as they are are generation 0
+            return {r[0]: 0 for r in self._conn().execute("SELECT id FROM descriptors")}
+        return dict(self._conn().execute("SELECT descriptor_id, generation FROM feed").fetchall())
+
+    def changes_since(self, descriptor_id: int, generation: int) -> Changes:
+        """What happened to a descriptor's vectors after ``generation``, the last change of each
+        image winning (written then removed: removed; removed then written: added).
+
+        ``reset`` when the log does not reach back to ``generation`` (pruned, every vector
+        dropped since, or ``generation`` is not one this collection had, e.g. it was replaced):
+        then reload every vector. Read the generation *before* loading vectors: changes applied
+        twice are harmless (an added vector is its current value, a removed id may be absent).
+        """
+        descriptor_id, generation = int(descriptor_id), int(generation)
+        with self._snapshot() as db:
+            if not self._has_feed():
+                row = db.execute("SELECT 0, 0 FROM descriptors WHERE id = ?", (descriptor_id,))
+            else:
+                row = db.execute(
+                    "SELECT generation, floor FROM feed WHERE descriptor_id = ?", (descriptor_id,)
+                )
+            found = row.fetchone()
+            if found is None:
+                raise NotFoundError(f"this collection has no descriptor with id {descriptor_id}")
+            now, floor = int(found[0]), int(found[1])
+            if generation < floor or generation > now:
+                return Changes(now, _no_ids(), _no_ids(), reset=True)
+            if generation == now:
+                return Changes(now, _no_ids(), _no_ids(), reset=False)
+            rows = db.execute(
+                "SELECT image_id, op = ? FROM changes WHERE descriptor_id = ? AND generation > ? "
+                "ORDER BY generation",
+                (_ADDED, descriptor_id, generation),
+            ).fetchall()
+        table = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        # the last change of each image: its first occurrence in the reversed log
+        latest = table[::-1]
+        ids, first = np.unique(latest[:, 0], return_index=True)
+        added = latest[first, 1].astype(bool)
+        return Changes(now, ids[added], ids[~added], reset=False)
 
     # -- descriptors -----------------------------------------------------------------------------
     def descriptors(self) -> list[DescriptorRecord]:
@@ -246,19 +596,28 @@ class Store:
                 dim=r["dim"],
                 metric=r["metric"],
             )
-            for r in self._db.execute("SELECT * FROM descriptors ORDER BY id")
+            for r in self._conn().execute("SELECT * FROM descriptors ORDER BY id")
         ]
+
+    def _dim(self, db: sqlite3.Connection, descriptor_id: int) -> int:
+        row = db.execute("SELECT dim FROM descriptors WHERE id = ?", (descriptor_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"this collection has no descriptor with id {descriptor_id}")
+        return int(row[0])
 
     def add_descriptor(
         self, spec: str, name: str, params: dict[str, Any], dim: int, metric: str
     ) -> DescriptorRecord:
         """Record a descriptor (idempotent: an existing spec is returned as it is)."""
-        self._require_lock()
-        with self._transaction() as db:
+        with self._writing(), self._transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO descriptors (spec, name, params, dim, metric, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (spec, name, json.dumps(params), dim, metric, time.time()),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO feed SELECT id, 0, 0, 0, 0 FROM descriptors WHERE spec = ?",
+                (spec,),
             )
         return next(d for d in self.descriptors() if d.spec == spec)
 
@@ -270,19 +629,24 @@ class Store:
         if status is not None:
             sql += " WHERE status = ?"
             args = (status,)
-        return [ImageRecord(*r) for r in self._db.execute(sql + " ORDER BY id", args)]
+        return [ImageRecord(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
     def image_by_path(self, path: str) -> ImageRecord | None:
-        row = self._db.execute(
-            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?",
-            (path,),
-        ).fetchone()
+        """The catalogue row of the image at ``path``, if it has one."""
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?",
+                (path,),
+            )
+            .fetchone()
+        )
         return None if row is None else ImageRecord(*row)
 
     def ids_under(self, path: str) -> list[int]:
         """Ids of the image at ``path`` or of every image below the folder ``path``."""
         prefix = path.rstrip(os.sep) + os.sep
-        rows = self._db.execute(
+        rows = self._conn().execute(
             "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
             (path, len(prefix), prefix),
         )
@@ -291,7 +655,7 @@ class Store:
     def present_descriptors(self) -> dict[int, set[int]]:
         """image id -> ids of the descriptors it has vectors for."""
         out: dict[int, set[int]] = {}
-        for image_id, descriptor_id in self._db.execute(
+        for image_id, descriptor_id in self._conn().execute(
             "SELECT image_id, descriptor_id FROM vectors"
         ):
             out.setdefault(image_id, set()).add(descriptor_id)
@@ -301,16 +665,16 @@ class Store:
         """Number of images by status ("ok", "skipped")."""
         out = {
             r[0]: r[1]
-            for r in self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status")
+            for r in self._conn().execute("SELECT status, COUNT(*) FROM images GROUP BY status")
         }
         return {"ok": out.get("ok", 0), "skipped": out.get("skipped", 0)}
 
     def vector_counts(self) -> dict[int, int]:
         """descriptor id -> number of images with a vector for it."""
         return dict(
-            self._db.execute(
-                "SELECT descriptor_id, COUNT(*) FROM vectors GROUP BY descriptor_id"
-            ).fetchall()
+            self._conn()
+            .execute("SELECT descriptor_id, COUNT(*) FROM vectors GROUP BY descriptor_id")
+            .fetchall()
         )
 
     def labels(self, image_ids: Sequence[int] | np.ndarray) -> list[str | None]:
@@ -320,101 +684,105 @@ class Store:
     def records(self, image_ids: Sequence[int] | np.ndarray) -> list[ImageRecord]:
         """Catalogue rows of ``image_ids``, in that order (a KeyError names a missing id)."""
         ids = [int(i) for i in image_ids]
-        found: dict[int, ImageRecord] = {}
-        for start in range(0, len(ids), 900):  # SQLite's host-parameter limit
-            chunk = ids[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for r in self._db.execute(
-                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN ({marks})",
-                chunk,
-            ):
-                found[r[0]] = ImageRecord(*r)
+        found = {
+            r[0]: ImageRecord(*r)
+            for r in self._conn().execute(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
+            )
+        }
         return [found[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:
         """Set the label of images by path."""
-        self._require_lock()
-        with self._transaction() as db:
+        with self._writing(), self._transaction() as db:
             db.executemany(
                 "UPDATE images SET label = ? WHERE path = ?", [(v, k) for k, v in labels.items()]
             )
 
     def remove_images(self, image_ids: Iterable[int]) -> int:
         """Drop images and their vectors; returns how many were removed."""
-        self._require_lock()
-        ids = [(int(i),) for i in image_ids]
-        with self._transaction() as db:
-            # rowcount counts the images only, not the vectors deleted by the cascade
-            removed = db.executemany("DELETE FROM images WHERE id = ?", ids).rowcount
-        for d in self.descriptors():
-            self.compact(d.id)
+        ids = [int(i) for i in image_ids]
+        with self._writing():
+            with self._transaction() as db:
+                _fill_scratch(db, ids)
+                feed = _Feed(db)
+                feed.remove_scratch()  # logged before the cascade deletes the vectors
+                removed = db.execute(
+                    f"DELETE FROM images WHERE id IN (SELECT id FROM {_SCRATCH})"
+                ).rowcount
+                feed.finish()
+            for d in self.descriptors():
+                self.compact(d.id)
         return removed
 
     # -- writing extraction results --------------------------------------------------------------
     def write_batch(self, updates: Sequence[ImageUpdate]) -> None:
-        """Write one batch of results atomically: new segment files first, then one transaction."""
+        """Write one batch of results atomically: new segment files first, then one transaction
+        (which also bumps the generation of every descriptor whose vectors it changes)."""
         if not updates:
             return
-        self._require_lock()
-        by_spec = {d.spec: d for d in self.descriptors()}
+        with self._writing():
+            self._write_batch(updates)
+
+    def _write_batch(self, updates: Sequence[ImageUpdate]) -> None:
         staged: list[tuple[DescriptorRecord, str, list[str]]] = []
-        for spec, record in by_spec.items():
-            rows = [u for u in updates if u.status == "ok" and spec in u.vectors]
-            if not rows:
-                continue
-            paths = [u.path for u in rows]
-            matrix = np.ascontiguousarray(np.stack([u.vectors[spec] for u in rows]), np.float32)
-            if matrix.shape[1] != record.dim:
-                raise StoreError(
-                    f"descriptor {spec} produced {matrix.shape[1]} values, expected {record.dim}"
-                )
-            staged.append((record, self._write_segment(record.id, matrix), paths))
-        now = time.time()
         try:
-            with self._transaction() as db:
-                for u in updates:
-                    if u.status == "unchanged":
-                        db.execute(
-                            "UPDATE images SET mtime_ns = ?, size = ?, label = COALESCE(?, label), "
-                            "updated_at = ? WHERE path = ?",
-                            (u.mtime_ns, u.size, u.label, now, u.path),
-                        )
-                        continue
-                    db.execute(
-                        "INSERT INTO images (path, sha256, size, mtime_ns, status, reason, label, "
-                        "width, height, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, "
-                        "size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                        "status = excluded.status, reason = excluded.reason, "
-                        "label = COALESCE(excluded.label, images.label), "
-                        "width = excluded.width, height = excluded.height, "
-                        "updated_at = excluded.updated_at",
-                        (
-                            u.path,
-                            u.sha256,
-                            u.size,
-                            u.mtime_ns,
-                            u.status,
-                            u.reason,
-                            u.label,
-                            u.width,
-                            u.height,
-                            now,
-                        ),
+            for record in self.descriptors():
+                rows = [u for u in updates if u.status == "ok" and record.spec in u.vectors]
+                if not rows:
+                    continue
+                wrong = [u for u in rows if np.shape(u.vectors[record.spec]) != (record.dim,)]
+                if wrong:
+                    raise CorruptError(
+                        f"descriptor {record.spec} produced "
+                        f"{np.size(wrong[0].vectors[record.spec])} values for {wrong[0].path}, "
+                        f"expected {record.dim}"
                     )
-                    if u.status == "skipped":
-                        db.execute(
-                            "DELETE FROM vectors WHERE image_id = "
-                            "(SELECT id FROM images WHERE path = ?)",
-                            (u.path,),
-                        )
+                matrix = np.ascontiguousarray(
+                    np.stack([u.vectors[record.spec] for u in rows]), np.float32
+                )
+                staged.append(
+                    (record, self._write_segment(record.id, matrix), [u.path for u in rows])
+                )
+            now = time.time()
+            with self._transaction() as db:
+                db.executemany(
+                    "UPDATE images SET mtime_ns = ?, size = ?, label = COALESCE(?, label), "
+                    "updated_at = ? WHERE path = ?",
+                    [
+                        (u.mtime_ns, u.size, u.label, now, u.path)
+                        for u in updates
+                        if u.status == "unchanged"
+                    ],
+                )
+                db.executemany(
+                    "INSERT INTO images (path, sha256, size, mtime_ns, status, reason, label, "
+                    "width, height, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, "
+                    "size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "status = excluded.status, reason = excluded.reason, "
+                    "label = COALESCE(excluded.label, images.label), "
+                    "width = excluded.width, height = excluded.height, "
+                    "updated_at = excluded.updated_at",
+                    [(*_image_columns(u), now) for u in updates if u.status != "unchanged"],
+                )
+                feed = _Feed(db)
+                skipped = [u.path for u in updates if u.status == "skipped"]
+                if skipped:
+                    _fill_scratch(db, skipped, by_path=True)
+                    feed.remove_scratch()
+                    db.execute(f"DELETE FROM vectors WHERE image_id IN (SELECT id FROM {_SCRATCH})")
                 for record, file, paths in staged:
                     seg = _insert_segment(db, record.id, file, len(paths))
-                    db.executemany(
+                    db.execute(
                         "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
-                        "SELECT ?, id, ?, ? FROM images WHERE path = ?",
-                        [(record.id, seg, row, p) for row, p in enumerate(paths)],
+                        "SELECT ?, i.id, ?, p.key FROM json_each(?) p "
+                        "JOIN images i ON i.path = p.value",
+                        (record.id, seg, json.dumps(paths)),
                     )
+                    feed.log_segment(record.id, seg)
+                feed.finish()
         except BaseException:
             for record, file, _ in staged:
                 self._segment_path(record.id, file).unlink(missing_ok=True)
@@ -423,15 +791,15 @@ class Store:
     def _rewrite_live_rows(self, descriptor_id: int, live: int) -> tuple[str | None, np.ndarray]:
         """Stream a descriptor's live rows into one new segment (bounded memory)."""
         if live == 0:
-            return None, np.empty(0, dtype=np.int64)
-        dim = next(d.dim for d in self.descriptors() if d.id == descriptor_id)
+            return None, _no_ids()
+        dim = self._dim(self._conn(), descriptor_id)
         folder = self.root / "vectors" / str(descriptor_id)
         name = f"{uuid.uuid4().hex}.npy"
         tmp = folder / f".tmp-{name}"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(live, dim))
         all_ids = []
         at = 0
-        for ids, block in self.iter_vector_blocks(descriptor_id, 65536):
+        for ids, block in self.iter_vector_blocks(descriptor_id, COMPACT_BLOCK_ROWS):
             out[at : at + len(ids)] = block
             all_ids.append(ids)
             at += len(ids)
@@ -457,20 +825,17 @@ class Store:
 
     # -- reading vectors -------------------------------------------------------------------------
     def _vector_locations(
-        self, descriptor_id: int
-    ) -> tuple[np.ndarray, list[tuple[str, np.ndarray, np.ndarray]]]:
-        """Image ids in search order and, per segment, (file, rows, positions in that order)."""
-        cur = self._db.execute(
-            "SELECT v.image_id, v.segment_id, v.row FROM vectors v "
-            "WHERE v.descriptor_id = ? ORDER BY v.segment_id, v.row",
+        self, db: sqlite3.Connection, descriptor_id: int
+    ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Image ids in search order and, per segment, (its mapped file, rows, positions in
+        that order); the files are opened in the caller's snapshot."""
+        cur = db.execute(
+            "SELECT image_id, segment_id, row FROM vectors "
+            "WHERE descriptor_id = ? ORDER BY segment_id, row",
             (descriptor_id,),
         )
         table = np.array(cur.fetchall(), dtype=np.int64).reshape(-1, 3)
-        files = dict(
-            self._db.execute(
-                "SELECT id, file FROM segments WHERE descriptor_id = ?", (descriptor_id,)
-            ).fetchall()
-        )
+        files = self._segment_files(db, descriptor_id)
         ids = table[:, 0]
         parts = []
         if len(table):
@@ -478,80 +843,116 @@ class Store:
             bounds = [*starts.tolist(), len(table)]
             for i, seg in enumerate(seg_ids.tolist()):
                 lo, hi = bounds[i], bounds[i + 1]
-                parts.append((files[seg], table[lo:hi, 2], np.arange(lo, hi)))
+                mapped = self._open_segment(descriptor_id, files[seg])
+                parts.append((mapped, table[lo:hi, 2], np.arange(lo, hi)))
         return ids, parts
+
+    def _segment_files(self, db: sqlite3.Connection, descriptor_id: int) -> dict[int, str]:
+        return dict(
+            db.execute(
+                "SELECT id, file FROM segments WHERE descriptor_id = ?", (descriptor_id,)
+            ).fetchall()
+        )
 
     def _open_segment(self, descriptor_id: int, file: str) -> np.ndarray:
         path = self._segment_path(descriptor_id, file)
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
-        except OSError as exc:
-            raise StoreError(f"vector file {path} is missing or unreadable: {exc}") from exc
+        except FileNotFoundError as exc:
+            raise _SegmentVanishedError(path, exc) from exc
+        except (OSError, ValueError) as exc:
+            raise CorruptError(f"vector file {path} is missing or unreadable: {exc}") from exc
 
     def vector_count(self, descriptor_id: int) -> int:
-        return self._db.execute(
-            "SELECT COUNT(*) FROM vectors WHERE descriptor_id = ?", (descriptor_id,)
-        ).fetchone()[0]
+        """How many images have a vector of this descriptor."""
+        return (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+            .fetchone()[0]
+        )
 
     def load_vectors(self, descriptor_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """All vectors of a descriptor in RAM: ``(image_ids, matrix)``."""
-        dim = next(d.dim for d in self.descriptors() if d.id == descriptor_id)
-        ids, parts = self._vector_locations(descriptor_id)
-        matrix = np.empty((len(ids), dim), dtype=np.float32)
-        for file, rows, positions in parts:
-            matrix[positions] = self._open_segment(descriptor_id, file)[rows]
-        return ids, matrix
+        """All vectors of a descriptor in RAM: ``(image_ids, matrix)``, from one snapshot."""
+
+        def read(db: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
+            dim = self._dim(db, descriptor_id)
+            ids, parts = self._vector_locations(db, descriptor_id)
+            matrix = np.empty((len(ids), dim), dtype=np.float32)
+            for mapped, rows, positions in parts:
+                matrix[positions] = mapped[rows]
+            return ids, matrix
+
+        return self._read_segments(read)
 
     def iter_vector_blocks(
         self, descriptor_id: int, block_rows: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream ``(image_ids, block)`` of at most ``block_rows`` rows from the mapped files."""
-        ids, parts = self._vector_locations(descriptor_id)
-        for file, rows, positions in parts:
-            mm = self._open_segment(descriptor_id, file)
+        """Stream ``(image_ids, block)`` of at most ``block_rows`` rows from the mapped files
+        (of one snapshot: the files are mapped before the first block)."""
+        ids, parts = self._read_segments(lambda db: self._vector_locations(db, descriptor_id))
+        for mapped, rows, positions in parts:
             for lo in range(0, len(rows), block_rows):
                 sel = rows[lo : lo + block_rows]
-                yield ids[positions[lo : lo + block_rows]], np.asarray(mm[sel], dtype=np.float32)
+                block = np.asarray(mapped[sel], dtype=np.float32)
+                yield ids[positions[lo : lo + block_rows]], block
 
-    def vectors_for(self, descriptor_id: int, image_ids: Sequence[int]) -> np.ndarray:
-        """Stored vectors of some images, in the order given (KeyError if one has none)."""
-        dim = next(d.dim for d in self.descriptors() if d.id == descriptor_id)
-        out = np.empty((len(image_ids), dim), dtype=np.float32)
-        for k, image_id in enumerate(image_ids):
-            row = self._db.execute(
-                "SELECT s.file, v.row FROM vectors v JOIN segments s ON s.id = v.segment_id "
-                "WHERE v.descriptor_id = ? AND v.image_id = ?",
-                (descriptor_id, int(image_id)),
-            ).fetchone()
-            if row is None:
-                raise KeyError(image_id)
-            out[k] = self._open_segment(descriptor_id, row[0])[row[1]]
-        return out
+    def vectors_for(self, descriptor_id: int, image_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored vectors of some images, in the order given (KeyError if one has none); one
+        query whatever their number."""
+        wanted = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+
+        def read(db: sqlite3.Connection) -> np.ndarray:
+            dim = self._dim(db, descriptor_id)
+            out = np.empty((len(wanted), dim), dtype=np.float32)
+            if not len(wanted):
+                return out
+            rows = db.execute(
+                "SELECT image_id, segment_id, row FROM vectors WHERE descriptor_id = ? "
+                "AND image_id IN (SELECT value FROM json_each(?)) ORDER BY image_id",
+                (descriptor_id, json.dumps(wanted.tolist())),
+            ).fetchall()
+            table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            at = np.minimum(np.searchsorted(table[:, 0], wanted), max(len(table) - 1, 0))
+            missing = ~np.isin(wanted, table[:, 0])
+            if missing.any():
+                raise KeyError(int(wanted[missing][0]))
+            seg_of, row_of = table[at, 1], table[at, 2]
+            files = self._segment_files(db, descriptor_id)
+            for seg in np.unique(seg_of).tolist():
+                sel = seg_of == seg
+                out[sel] = self._open_segment(descriptor_id, files[seg])[row_of[sel]]
+            return out
+
+        return self._read_segments(read)
 
     def write_vectors(self, descriptor_id: int, image_ids: np.ndarray, matrix: np.ndarray) -> None:
         """Store vectors of images already in the catalogue (e.g. computed from another
         descriptor's vectors): one new segment, then one transaction."""
         if len(image_ids) == 0:
             return
-        self._require_lock()
-        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        dim = next(d.dim for d in self.descriptors() if d.id == descriptor_id)
-        if matrix.shape != (len(image_ids), dim):
-            raise StoreError(
-                f"expected {len(image_ids)} vectors of {dim} values, got {matrix.shape}"
-            )
-        file = self._write_segment(descriptor_id, matrix)
-        try:
-            with self._transaction() as db:
-                seg = _insert_segment(db, descriptor_id, file, len(image_ids))
-                db.executemany(
-                    "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
-                    "VALUES (?, ?, ?, ?)",
-                    [(descriptor_id, int(i), seg, row) for row, i in enumerate(image_ids)],
+        with self._writing():
+            matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+            dim = self._dim(self._conn(), descriptor_id)
+            if matrix.shape != (len(image_ids), dim):
+                raise CorruptError(
+                    f"expected {len(image_ids)} vectors of {dim} values, got {matrix.shape}"
                 )
-        except BaseException:
-            self._segment_path(descriptor_id, file).unlink(missing_ok=True)
-            raise
+            file = self._write_segment(descriptor_id, matrix)
+            ids = np.asarray(image_ids, dtype=np.int64).tolist()
+            try:
+                with self._transaction() as db:
+                    seg = _insert_segment(db, descriptor_id, file, len(ids))
+                    db.execute(
+                        "INSERT OR REPLACE INTO vectors (descriptor_id, image_id, segment_id, row) "
+                        "SELECT ?, value, ?, key FROM json_each(?)",
+                        (descriptor_id, seg, json.dumps(ids)),
+                    )
+                    feed = _Feed(db)
+                    feed.log_segment(descriptor_id, seg)
+                    feed.finish()
+            except BaseException:
+                self._segment_path(descriptor_id, file).unlink(missing_ok=True)
+                raise
 
     def ids_without(self, descriptor_id: int, having: int | None = None) -> np.ndarray:
         """Ids of good images that lack vectors of ``descriptor_id`` (and, with ``having``,
@@ -564,7 +965,8 @@ class Store:
         if having is not None:
             sql += " AND id IN (SELECT image_id FROM vectors WHERE descriptor_id = ?)"
             args += (having,)
-        return np.array([r[0] for r in self._db.execute(sql + " ORDER BY id", args)], np.int64)
+        rows = self._conn().execute(sql + " ORDER BY id", args).fetchall()
+        return np.array([r[0] for r in rows], np.int64)
 
     # -- fitted descriptors ----------------------------------------------------------------------
     def _state_path(self, descriptor_id: int) -> Path:
@@ -574,26 +976,28 @@ class Store:
         self, descriptor_id: int, state: dict[str, np.ndarray], *, images: int | None = None
     ) -> None:
         """Keep what a descriptor learned (arrays only, no pickles), replacing any earlier fit;
-        vectors made with an earlier fit are dropped with it. Temp name, fsync, atomic rename.
-        ``images``: how many images it learned from (see :meth:`fitted_images`)."""
-        self._require_lock()
-        path = self._state_path(descriptor_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npz")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
-        with self._transaction() as db:
-            db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
-            db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
-            if images is not None:
-                db.execute(
-                    "INSERT INTO meta VALUES (?, ?)",
-                    (f"fitted_images:{descriptor_id}", str(int(images))),
-                )
-            os.replace(tmp, path)
-        self.compact(descriptor_id)
+        vectors made with an earlier fit are dropped with it (a reset of its change feed).
+        Temp name, fsync, atomic rename. ``images``: how many images it learned from (see
+        :meth:`fitted_images`)."""
+        with self._writing():
+            path = self._state_path(descriptor_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npz")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
+                fh.flush()
+                os.fsync(fh.fileno())
+            with self._transaction() as db:
+                _Feed(db).reset(descriptor_id)
+                db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+                db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
+                if images is not None:
+                    db.execute(
+                        "INSERT INTO meta VALUES (?, ?)",
+                        (f"fitted_images:{descriptor_id}", str(int(images))),
+                    )
+                os.replace(tmp, path)
+            self.compact(descriptor_id)
 
     def fitted_images(self, descriptor_id: int) -> int | None:
         """How many images a descriptor's current fit learned from (None: not recorded)."""
@@ -602,12 +1006,13 @@ class Store:
 
     def set_dim(self, descriptor_id: int, dim: int) -> None:
         """Record a vector length learned by fitting (e.g. cnnp's class count); vectors of the
-        old length are dropped."""
-        self._require_lock()
-        with self._transaction() as db:
-            db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
-            db.execute("UPDATE descriptors SET dim = ? WHERE id = ?", (int(dim), descriptor_id))
-        self.compact(descriptor_id)
+        old length are dropped (a reset of its change feed)."""
+        with self._writing():
+            with self._transaction() as db:
+                _Feed(db).reset(descriptor_id)
+                db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+                db.execute("UPDATE descriptors SET dim = ? WHERE id = ?", (int(dim), descriptor_id))
+            self.compact(descriptor_id)
 
     def has_state(self, descriptor_id: int) -> bool:
         """Whether a descriptor was fitted on this collection."""
@@ -624,41 +1029,180 @@ class Store:
     # -- housekeeping ----------------------------------------------------------------------------
     def compact(self, descriptor_id: int, *, force: bool = False) -> bool:
         """Rewrite a descriptor's live rows into one segment when many rows are dead or
-        segments are many; returns True when it did."""
-        self._require_lock()
-        segs = self._db.execute(
-            "SELECT id, file, rows FROM segments WHERE descriptor_id = ?", (descriptor_id,)
+        segments are many; returns True when it did. Vectors do not change: no generation
+        bump."""
+        with self._writing():
+            return self._compact(descriptor_id, force)
+
+    def _compact(self, descriptor_id: int, force: bool) -> bool:
+        db = self._conn()
+        segs = db.execute(
+            "SELECT id, file, rows, EXISTS (SELECT 1 FROM vectors v WHERE v.segment_id = s.id) "
+            "AS used FROM segments s WHERE descriptor_id = ?",
+            (descriptor_id,),
         ).fetchall()
         live = self.vector_count(descriptor_id)
         total = sum(s["rows"] for s in segs)
-        empty = [
-            s
-            for s in segs
-            if not self._db.execute(
-                "SELECT 1 FROM vectors WHERE segment_id = ? LIMIT 1", (s["id"],)
-            ).fetchone()
-        ]
-        needed = force or len(segs) > 8 or (total and (total - live) > 0.25 * total)
+        empty = [s for s in segs if not s["used"]]
+        dead = total - live
+        needed = force or len(segs) > MAX_SEGMENTS or dead > MAX_DEAD_FRACTION * total
         if not needed:
             if empty:  # drop fully dead segments cheaply
-                with self._transaction() as db:
-                    db.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in empty])
+                with self._transaction() as tx:
+                    tx.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in empty])
                 for s in empty:
                     self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
             return False
         new_file, ids = self._rewrite_live_rows(descriptor_id, live)
-        with self._transaction() as db:
+        with self._transaction() as tx:
             if new_file is not None:
-                seg = _insert_segment(db, descriptor_id, new_file, len(ids))
-                db.executemany(
-                    "UPDATE vectors SET segment_id = ?, row = ? "
-                    "WHERE descriptor_id = ? AND image_id = ?",
-                    [(seg, row, descriptor_id, int(i)) for row, i in enumerate(ids.tolist())],
+                seg = _insert_segment(tx, descriptor_id, new_file, len(ids))
+                # through a keyed temporary table: SQLite joins json_each to vectors row by row
+                tx.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {_MOVED_TABLE} "
+                    "(image_id INTEGER PRIMARY KEY, row INTEGER NOT NULL)"
                 )
-            db.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in segs])
+                tx.execute(f"DELETE FROM {_MOVED}")
+                tx.execute(
+                    f"INSERT INTO {_MOVED} SELECT value, key FROM json_each(?)",
+                    (json.dumps(ids.tolist()),),
+                )
+                tx.execute(
+                    f"UPDATE vectors SET segment_id = ?, row = m.row FROM {_MOVED} AS m "
+                    "WHERE vectors.descriptor_id = ? AND vectors.image_id = m.image_id",
+                    (seg, descriptor_id),
+                )
+            tx.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in segs])
+        # only now, after the commit that stops naming them: readers of older snapshots retry
         for s in segs:
             self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
         return True
+
+
+class _Feed:
+    """The change feed inside one write transaction: bumps each descriptor it touches once,
+    logs the image ids, and prunes the log to its bound when the transaction is done."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.bumped: dict[int, int] = {}
+
+    def generation(self, descriptor_id: int) -> int:
+        """The descriptor's generation in this transaction (bumped on first use)."""
+        if descriptor_id not in self.bumped:
+            row = self.db.execute(
+                "INSERT INTO feed (descriptor_id, generation, floor, logged, log_bound) "
+                "VALUES (?, 1, 0, 0, 0) ON CONFLICT (descriptor_id) "
+                "DO UPDATE SET generation = generation + 1 RETURNING generation",
+                (descriptor_id,),
+            ).fetchone()
+            self.bumped[descriptor_id] = int(row[0])
+        return self.bumped[descriptor_id]
+
+    def _log(self, descriptor_id: int, op: str, select_ids: str, args: tuple[Any, ...]) -> None:
+        generation = self.generation(descriptor_id)
+        logged = self.db.execute(
+            "INSERT OR REPLACE INTO changes (descriptor_id, generation, image_id, op) "
+            f"SELECT ?, ?, image_id, ? FROM ({select_ids})",
+            (descriptor_id, generation, op, *args),
+        ).rowcount
+        self.db.execute(
+            "UPDATE feed SET logged = logged + ? WHERE descriptor_id = ?", (logged, descriptor_id)
+        )
+
+    def log_segment(self, descriptor_id: int, segment_id: int) -> None:
+        """Log every vector of a segment just written as added."""
+        self._log(
+            descriptor_id,
+            _ADDED,
+            "SELECT image_id FROM vectors WHERE segment_id = ?",
+            (segment_id,),
+        )
+
+    def remove_scratch(self) -> None:
+        """Log as removed, per descriptor, the vectors of the images in the scratch table
+        (before the caller deletes them)."""
+        touched = self.db.execute(
+            f"SELECT DISTINCT descriptor_id FROM vectors WHERE image_id IN "
+            f"(SELECT id FROM {_SCRATCH})"
+        ).fetchall()
+        for (descriptor_id,) in touched:
+            self._log(
+                descriptor_id,
+                _REMOVED,
+                f"SELECT image_id FROM vectors WHERE descriptor_id = ? "
+                f"AND image_id IN (SELECT id FROM {_SCRATCH})",
+                (descriptor_id,),
+            )
+
+    def reset(self, descriptor_id: int) -> None:
+        """Every vector of the descriptor is dropped: the log restarts at the new generation."""
+        generation = self.generation(descriptor_id)
+        self.db.execute("DELETE FROM changes WHERE descriptor_id = ?", (descriptor_id,))
+        self.db.execute(
+            "UPDATE feed SET floor = ?, logged = 0 WHERE descriptor_id = ?",
+            (generation, descriptor_id),
+        )
+
+    def finish(self) -> None:
+        """Prune the log of every descriptor this transaction touched, when past its bound.
+
+        The bound is max(LOG_MIN_ROWS, LOG_ROWS_PER_VECTOR x vector count); the vector count is
+        measured only when the log passes the last bound, so a write costs no count."""
+        for descriptor_id in self.bumped:
+            logged, bound = self.db.execute(
+                "SELECT logged, log_bound FROM feed WHERE descriptor_id = ?", (descriptor_id,)
+            ).fetchone()
+            if logged <= max(LOG_MIN_ROWS, bound):
+                continue
+            vectors = self.db.execute(
+                "SELECT COUNT(*) FROM vectors WHERE descriptor_id = ?", (descriptor_id,)
+            ).fetchone()[0]
+            bound = max(LOG_MIN_ROWS, LOG_ROWS_PER_VECTOR * vectors)
+            if logged > bound:
+                self._prune(descriptor_id, int(bound * LOG_KEEP_FRACTION))
+            self.db.execute(
+                "UPDATE feed SET log_bound = ? WHERE descriptor_id = ?", (bound, descriptor_id)
+            )
+
+    def _prune(self, descriptor_id: int, keep: int) -> None:
+        """Drop the oldest generations, keeping at most ``keep`` rows (whole generations)."""
+        oldest_dropped = self.db.execute(
+            "SELECT generation FROM changes WHERE descriptor_id = ? "
+            "ORDER BY generation DESC LIMIT 1 OFFSET ?",
+            (descriptor_id, keep),
+        ).fetchone()
+        if oldest_dropped is not None:
+            floor = int(oldest_dropped[0])
+            self.db.execute(
+                "DELETE FROM changes WHERE descriptor_id = ? AND generation <= ?",
+                (descriptor_id, floor),
+            )
+            self.db.execute(
+                "UPDATE feed SET floor = ? WHERE descriptor_id = ?", (floor, descriptor_id)
+            )
+        self.db.execute(
+            "UPDATE feed SET logged = (SELECT COUNT(*) FROM changes WHERE descriptor_id = ?) "
+            "WHERE descriptor_id = ?",
+            (descriptor_id, descriptor_id),
+        )
+
+
+def _fill_scratch(db: sqlite3.Connection, values: Sequence[Any], *, by_path: bool = False) -> None:
+    """Put image ids (or the ids of the images at some paths) in this connection's scratch
+    table, inside the caller's transaction."""
+    db.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_SCRATCH_TABLE} (id INTEGER PRIMARY KEY)")
+    db.execute(f"DELETE FROM {_SCRATCH}")
+    source = (
+        "SELECT i.id FROM json_each(?) p JOIN images i ON i.path = p.value"
+        if by_path
+        else "SELECT value FROM json_each(?)"
+    )
+    db.execute(f"INSERT OR IGNORE INTO {_SCRATCH} (id) {source}", (json.dumps(list(values)),))
+
+
+def _image_columns(u: ImageUpdate) -> tuple[Any, ...]:
+    return (u.path, u.sha256, u.size, u.mtime_ns, u.status, u.reason, u.label, u.width, u.height)
 
 
 def _insert_segment(db: sqlite3.Connection, descriptor_id: int, file: str, rows: int) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cbir import images
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
+from cbir.errors import InvalidRequestError
 from cbir.evaluation.datasets import LabelledSet, Qrels, Relevance
 from cbir.evaluation.measures import (
     average_precision,
@@ -30,15 +30,22 @@ from cbir.evaluation.measures import (
     precision_curve,
     summarise,
 )
-from cbir.extraction import Task, extract_arrays, run_tasks
-from cbir.features import DerivedDescriptor, create_descriptor, metric_applies
+from cbir.extraction import Task, run_tasks
+from cbir.features import create_descriptor, metric_applies
+from cbir.holdings import derives, short_label
+from cbir.index import VectorIndex, create_index
+from cbir.ingest import fit_on_images
 from cbir.metrics import as_matrix, get_metric, metric_names
+from cbir.search.combine import expand_each
+from cbir.search.request import MAX_EXPAND
 from cbir.store import ImageUpdate
 
 GridProgress = Callable[[str, int, int], None]
 #: Rankings longer than this are cut for large collections (full AP needs the full ranking,
 #: which costs a sort of the whole collection per query); see ``GridConfig.depth``.
 FULL_RANKING_LIMIT = 20_000
+#: ... and then cut at this depth.
+FULL_RANKING_CUT = 1000
 
 
 @dataclass
@@ -60,6 +67,28 @@ class GridConfig:
     #: ranked results kept per query for mosaics and TREC runs (the measures see the full
     #: ranking; keeping all of it for every combination would cost gigabytes)
     keep: int = 100
+
+    def __post_init__(self) -> None:
+        # a metric may be given as a comma-separated list ("chi2,cosine"), as users type them
+        if self.metrics is not None:
+            names = [m.strip() for item in self.metrics for m in item.split(",") if m.strip()]
+            self.metrics = names or None
+        # each value is checked here, named as the user gave it, before any work is done
+        for name, value in (("map_k", self.map_k), ("keep", self.keep)):
+            _require_int(name, value, low=1)
+        for k in self.ks:
+            _require_int("k", k, low=1)
+        for name, value in (("depth", self.depth), ("sample_queries", self.sample_queries)):
+            if value is not None:
+                _require_int(name, value, low=1)
+        _require_int("expand", self.expand, low=0, high=MAX_EXPAND)
+
+
+def _require_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f"{low} or more"
+        raise InvalidRequestError(f"{name} must be an integer, {allowed}; got {value!r}")
 
 
 @dataclass
@@ -115,6 +144,26 @@ def applicable_metrics(descriptor: str, metrics: Sequence[str] | None) -> list[s
     return [m for m in names if metric_applies(descriptor, m)]
 
 
+@dataclass
+class Features:
+    """Vectors of every item of one labelled set, by descriptor spec, and which items are
+    usable (an item that cannot be decoded is masked out everywhere)."""
+
+    by_spec: dict[str, np.ndarray]
+    ok: np.ndarray
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+    def merged(self, other: Features) -> Features:
+        """These features and ``other``'s, of the same items."""
+        return Features(
+            {**self.by_spec, **other.by_spec},
+            self.ok & other.ok,
+            self.skipped + other.skipped,
+            self.seconds + other.seconds,
+        )
+
+
 # -- stage 1: extraction -----------------------------------------------------------------------
 def extract_features(
     data: LabelledSet,
@@ -124,12 +173,12 @@ def extract_features(
     cache_dir: Path | None = None,
     progress: GridProgress | None = None,
     states: dict[str, str] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[str, str]], float]:
+) -> Features:
     """Vectors of every item for every descriptor, decoding each item once.
 
-    Returns ``(features by spec, ok mask, skipped (id, reason), seconds)``. Items that
-    cannot be decoded are masked out everywhere. Features are cached in ``cache_dir`` keyed by
-    the descriptor spec and the item ids, so re-running a grid with other metrics is cheap.
+    Items that cannot be decoded are masked out everywhere. Features are cached in
+    ``cache_dir`` keyed by the descriptor spec and the item ids, so re-running a grid with other
+    metrics is cheap.
     """
     specs = [create_descriptor(s).spec for s in specs]
     fingerprint = hashlib.sha1("\n".join(data.ids).encode()).hexdigest()[:16]
@@ -173,13 +222,14 @@ def extract_features(
                 progress("extracting", done, len(tasks))
 
         started = time.perf_counter()
-        run_tasks(
+        if not run_tasks(
             tasks,
             workers=settings.worker_count,
-            max_pixels=settings.max_pixels,
+            limits=settings.limits,
             on_result=on_result,
             states=states,
-        )
+        ):
+            raise KeyboardInterrupt  # Ctrl-C: an evaluation has nothing worth keeping half-done
         seconds = time.perf_counter() - started  # one decode per image served them all
         for spec in todo:
             features[spec] = out[spec]
@@ -188,7 +238,7 @@ def extract_features(
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cached, features=out[spec], ok=fresh_ok)
         ok &= fresh_ok
-    return features, ok, skipped, seconds
+    return Features(features, ok, skipped, seconds)
 
 
 def _cache_path(cache_dir: Path | None, spec: str, fingerprint: str) -> Path | None:
@@ -211,49 +261,72 @@ def rank(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top ``depth`` collection indices and distances per query, and seconds per query.
 
-    ``self_index[i]`` (leave-one-out) is the collection index of query ``i``, which is removed
-    from its own ranking. Ties are broken by collection index, so results are reproducible.
-    ``expand`` > 0 ranks again with each query averaged with its top ``expand`` results.
+    Ranks through the same index and expansion code as ``Collection.search``: an exact index
+    whose ids are the collection's row numbers. ``self_index[i]`` (leave-one-out) is the
+    collection index of query ``i``, which is removed from its own ranking. Ties are broken by
+    collection index, so results are reproducible. ``expand`` > 0 ranks again with each query
+    averaged with its top ``expand`` results.
     """
-    m = get_metric(metric)
-    PC = m.prepare(as_matrix(collection))
-    n = len(collection)
+    C = as_matrix(collection)
+    n = len(C)
+    index = create_index("exact", metric=metric, dim=C.shape[1])
+    index.add(np.arange(n), C)
     depth = min(depth, n - (1 if self_index is not None else 0))
     ranked = np.empty((len(queries), depth), dtype=np.int64)
     dists = np.empty((len(queries), depth))
     started = time.perf_counter()
-    C = as_matrix(collection) if expand else None
     for lo in range(0, len(queries), block):
         Q = as_matrix(queries[lo : lo + block])
-        D = _distances(m, Q, PC, self_index, lo, block)
-        if C is not None:  # average query expansion, vectorised over the whole block
-            near = np.argpartition(D, min(expand, n) - 1, axis=1)[:, :expand]
-            Q = (Q + C[near].sum(axis=1)) / (1 + near.shape[1])
-            D = _distances(m, Q, PC, self_index, lo, block)
-        if depth < n // 2:
-            part = np.argpartition(D, depth - 1, axis=1)[:, :depth]
-            part_d = np.take_along_axis(D, part, axis=1)
-            order = np.lexsort((part, part_d), axis=-1)
-            top = np.take_along_axis(part, order, axis=1)
-        else:
-            top = np.argsort(D, axis=1, kind="stable")[:, :depth]
-        ranked[lo : lo + block] = top
-        dists[lo : lo + block] = np.take_along_axis(D, top, axis=1)
+        own = None if self_index is None else self_index[lo : lo + block]
+        if expand:  # average query expansion, vectorised over the whole block
+            near, _ = _ranking(index, Q, min(expand, depth), own)
+            Q = expand_each(Q, C[near])
+        ranked[lo : lo + block], dists[lo : lo + block] = _ranking(index, Q, depth, own)
     per_query = (time.perf_counter() - started) / max(1, len(queries))
     return ranked, dists, per_query
 
 
-def _distances(
-    m: Any, Q: np.ndarray, PC: Any, self_index: np.ndarray | None, lo: int, block: int
-) -> np.ndarray:
-    """Distances of a block of queries to the collection, each query's own row excluded."""
-    D = m.compare(m.prepare(Q), PC)
-    if self_index is not None:
-        D[np.arange(len(D)), self_index[lo : lo + block]] = np.inf
-    return D
+def _ranking(
+    index: VectorIndex, Q: np.ndarray, k: int, own: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top ``k`` ids and distances, without its own row (``own``) when given."""
+    if own is None:
+        distances, ids = index.search(Q, k)
+        return ids, distances
+    distances, ids = index.search(Q, k + 1)
+    keep = ids != own[:, None]
+    keep[keep.all(axis=1), -1] = False  # its own row was not among them: drop the last
+    return ids[keep].reshape(len(Q), k), distances[keep].reshape(len(Q), k)
 
 
 # -- the whole grid ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Specs:
+    """The grid's descriptors, by how their vectors are made."""
+
+    all: list[str]
+    #: fitted on the collection's stored vectors (and labels), computed from their base's
+    derived: dict[str, Any]
+    #: fitted on the collection's images, then extracted
+    from_images: list[str]
+    #: extracted directly (including the bases of the derived ones)
+    extracted: list[str]
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """Which items are evaluated, and what is relevant to each query."""
+
+    coll_index: np.ndarray  # usable collection items
+    query_index: np.ndarray  # evaluated queries (indices into the query set)
+    relevance: Relevance
+    n_relevant: np.ndarray
+    #: leave-one-out: each query's position in ``coll_index`` (removed from its own ranking)
+    self_pos: np.ndarray | None
+    classes: np.ndarray  # each query's class, for per-class AP
+    depth: int
+
+
 def run_grid(
     collection: LabelledSet,
     queries: LabelledSet | None = None,
@@ -270,72 +343,112 @@ def run_grid(
     config = config or GridConfig()
     settings = settings or Settings.from_env()
     started = time.perf_counter()
+    specs = _sort_specs(config, loo=queries is None)
+    plan = [(s, m) for s in specs.all for m in applicable_metrics(s, config.metrics)]
+    if not plan:
+        raise ValueError("no metric applies to the given descriptors")
+    coll, query = _features(collection, queries, specs, settings, cache_dir, progress)
+    query_set = queries if queries is not None else collection
+    protocol = _protocol(collection, query_set, coll.ok, query.ok, config, qrels)
+    combos = []
+    for done, (spec, metric) in enumerate(plan):
+        if progress is not None:
+            progress(f"{short_label(spec)} / {metric}", done, len(plan))
+        combos.append(_score(spec, metric, coll, query, protocol, config))
+    if progress is not None:
+        progress("done", len(plan), len(plan))
+    return GridResult(
+        combinations=combos,
+        query_index=protocol.query_index,
+        leave_one_out=queries is None,
+        depth=protocol.depth,
+        qrels=qrels,
+        extract_seconds=coll.seconds + (query.seconds if query is not coll else 0.0),
+        skipped=coll.skipped + (query.skipped if query is not coll else []),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _sort_specs(config: GridConfig, *, loo: bool) -> _Specs:
     specs = [create_descriptor(d).spec for d in config.descriptors]
     if not specs:
         raise ValueError("give at least one descriptor")
-    loo = queries is None
     for spec in specs:
         if create_descriptor(spec).needs_labels and loo:
             raise ValueError(
-                f"{spec.split(':')[0]} learns from the labels it would be scored on; evaluate "
+                f"{short_label(spec)} learns from the labels it would be scored on; evaluate "
                 "it with a separate query set (--queries), e.g. CIFAR-10 test against train"
             )
     learned = [s for s in specs if create_descriptor(s).requires_fit]
-    derived = {s: create_descriptor(s) for s in learned if _derives(create_descriptor(s))}
-    from_images = [s for s in learned if s not in derived]
-    extract_specs = list(
-        dict.fromkeys(
-            [s for s in specs if s not in learned] + [d.base.spec for d in derived.values()]
+    derived = {s: create_descriptor(s) for s in learned if derives(create_descriptor(s))}
+    plain = [s for s in specs if s not in learned] + [d.base.spec for d in derived.values()]
+    return _Specs(
+        all=specs,
+        derived=derived,
+        from_images=[s for s in learned if s not in derived],
+        extracted=list(dict.fromkeys(plain)),
+    )
+
+
+def _features(
+    collection: LabelledSet,
+    queries: LabelledSet | None,
+    specs: _Specs,
+    settings: Settings,
+    cache_dir: Path | None,
+    progress: GridProgress | None,
+) -> tuple[Features, Features]:
+    """Every descriptor's vectors of the collection and of the queries (the same object in
+    leave-one-out), fitting on the collection what learns from it, as a collection does."""
+
+    def extract(data: LabelledSet) -> Features:
+        return extract_features(
+            data, specs.extracted, settings=settings, cache_dir=cache_dir, progress=progress
         )
-    )
-    feats_c, ok_c, skipped, seconds = extract_features(
-        collection, extract_specs, settings=settings, cache_dir=cache_dir, progress=progress
-    )
+
+    coll = extract(collection)
     states: dict[str, str] = {}
-
-    def add_fitted(data: LabelledSet, extracted: tuple) -> tuple:
-        """The extraction result with the descriptors fitted on images added to it."""
-        if not from_images:
-            return extracted
-        feats, ok, skipped_, seconds_ = extracted
-        fitted, ok_f, skipped_f, seconds_f = extract_features(
-            data, from_images, settings=settings, progress=progress, states=states
-        )
-        return {**feats, **fitted}, ok & ok_f, skipped_ + skipped_f, seconds_ + seconds_f
-
     with tempfile.TemporaryDirectory(prefix="cbir-fit-") as state_dir:
-        if from_images:
-            seconds += _fit_on_images(collection, ok_c, from_images, settings, state_dir, states)
-        feats_c, ok_c, skipped, seconds = add_fitted(collection, (feats_c, ok_c, skipped, seconds))
-        if loo:
-            feats_q, ok_q = feats_c, ok_c
-            query_set = collection
-        else:
-            assert queries is not None
-            feats_q, ok_q, skipped_q, seconds_q = add_fitted(
-                queries,
-                extract_features(
-                    queries,
-                    extract_specs,
-                    settings=settings,
-                    cache_dir=cache_dir,
-                    progress=progress,
-                ),
+        if specs.from_images:
+            coll.seconds += _fit_on_images(
+                collection, coll.ok, specs.from_images, settings, state_dir, states
             )
-            skipped += skipped_q
-            seconds += seconds_q
-            query_set = queries
-    for spec, d in derived.items():  # fitted on the collection's vectors (and labels)
-        base = feats_c[d.base.spec]
-        labels = [_one_label(collection.labels[i]) for i in np.flatnonzero(ok_c)]
-        d.fit_vectors(base[ok_c], labels if d.needs_labels else None)
-        feats_c[spec] = d.transform_vectors(base)
-        if not loo:
-            feats_q[spec] = d.transform_vectors(feats_q[d.base.spec])
+
+        def with_fitted(data: LabelledSet, base: Features) -> Features:
+            if not specs.from_images:
+                return base
+            fitted = extract_features(
+                data, specs.from_images, settings=settings, progress=progress, states=states
+            )
+            return base.merged(fitted)
+
+        coll = with_fitted(collection, coll)
+        query = coll if queries is None else with_fitted(queries, extract(queries))
+    for spec, d in specs.derived.items():  # fitted on the collection's vectors (and labels)
+        base = coll.by_spec[d.base.spec]
+        labels = [_one_label(collection.labels[i]) for i in np.flatnonzero(coll.ok)]
+        d.fit_vectors(base[coll.ok], labels if d.needs_labels else None)
+        coll.by_spec[spec] = d.transform_vectors(base)
+        if query is not coll:
+            query.by_spec[spec] = d.transform_vectors(query.by_spec[d.base.spec])
         if progress is not None:
-            progress(f"fitted {spec.split(':')[0]}", 1, 1)
-    coll_index = np.flatnonzero(ok_c)
-    query_index = np.flatnonzero(ok_q)
+            progress(f"fitted {short_label(spec)}", 1, 1)
+    return coll, query
+
+
+def _protocol(
+    collection: LabelledSet,
+    query_set: LabelledSet,
+    coll_ok: np.ndarray,
+    query_ok: np.ndarray,
+    config: GridConfig,
+    qrels: Qrels | None,
+) -> _Protocol:
+    """The evaluated queries (judged ones only with qrels; a seeded sample if asked) and what
+    is relevant to each."""
+    loo = query_set is collection
+    coll_index = np.flatnonzero(coll_ok)
+    query_index = np.flatnonzero(query_ok)
     if qrels is not None:
         judged = np.array([query_set.ids[i] in qrels for i in query_index], dtype=bool)
         query_index = query_index[judged] if len(query_index) else query_index
@@ -344,75 +457,68 @@ def run_grid(
         query_index = np.sort(rng.choice(query_index, config.sample_queries, replace=False))
     if len(coll_index) < 2 or len(query_index) == 0:
         raise ValueError("too few usable images to evaluate (see the skipped files)")
-
-    coll_labels = [collection.labels[i] for i in coll_index]
     q_labels = [query_set.labels[i] for i in query_index]
     if qrels is None:
-        relevance = Relevance.from_labels(q_labels, coll_labels)
+        relevance = Relevance.from_labels(q_labels, [collection.labels[i] for i in coll_index])
     else:
         relevance = Relevance.from_qrels(
             qrels, [query_set.ids[i] for i in query_index], [collection.ids[i] for i in coll_index]
         )
     n = len(coll_index)
-    depth = config.depth or (n if n <= FULL_RANKING_LIMIT else 1000)
-    self_pos = None
-    if loo:  # position of each query inside coll_index
-        self_pos = np.searchsorted(coll_index, query_index)
+    self_pos = np.searchsorted(coll_index, query_index) if loo else None
     q_local = np.arange(len(query_index))
     n_relevant = relevance.counts(q_local)
     if self_pos is not None:  # a query never counts itself (it is not in its own ranking)
         n_relevant -= relevance.matrix(q_local, self_pos[:, None])[:, 0]
-    classes = np.array([sorted(lbl)[0] if lbl else "" for lbl in q_labels])
-
-    plan = [(s, m) for s in specs for m in applicable_metrics(s, config.metrics)]
-    if not plan:
-        raise ValueError("no metric applies to the given descriptors")
-    combos = []
-    for done, (spec, metric) in enumerate(plan):
-        if progress is not None:
-            progress(f"{spec.split(':')[0]} / {metric}", done, len(plan))
-        ranked, dists, per_query = rank(
-            metric,
-            feats_q[spec][query_index],
-            feats_c[spec][coll_index],
-            depth,
-            self_index=self_pos,
-            expand=config.expand,
-        )
-        rel = relevance.matrix(q_local, ranked)
-        ap = average_precision(rel, n_relevant)
-        ks = np.array([k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= rel.shape[1]])
-        combos.append(
-            Combination(
-                descriptor=create_descriptor(spec).short_spec,
-                metric=f"{metric}+qe{config.expand}" if config.expand else metric,
-                summary=summarise(rel, n_relevant, ks=tuple(config.ks), map_k=config.map_k),
-                curve11=mean_over_queries(interpolated_precision_11(rel, n_relevant))[0],
-                # queries with nothing relevant are left out, as in summarise
-                precision_at=(ks, mean_over_queries(precision_curve(rel, ks)[n_relevant > 0])[0]),
-                per_class_ap=per_class_mean(ap, classes),
-                query_ms=per_query * 1000,
-                ranked=coll_index[ranked[:, : config.keep]],
-                distances=dists[:, : config.keep].copy(),
-                relevant=rel[:, : config.keep].copy(),
-            )
-        )
-    if progress is not None:
-        progress("done", len(plan), len(plan))
-    return GridResult(
-        combinations=combos,
+    return _Protocol(
+        coll_index=coll_index,
         query_index=query_index,
-        leave_one_out=loo,
-        depth=depth,
-        qrels=qrels,
-        extract_seconds=seconds,
-        skipped=skipped,
-        seconds=time.perf_counter() - started,
+        relevance=relevance,
+        n_relevant=n_relevant,
+        self_pos=self_pos,
+        classes=np.array([sorted(lbl)[0] if lbl else "" for lbl in q_labels]),
+        depth=config.depth or (n if n <= FULL_RANKING_LIMIT else FULL_RANKING_CUT),
     )
 
 
-def _derives(d: Any) -> bool:
-    return isinstance(d, DerivedDescriptor) and d.derives
+#: Cut-offs of the precision-at-k curve.
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def _score(
+    spec: str,
+    metric: str,
+    coll: Features,
+    query: Features,
+    protocol: _Protocol,
+    config: GridConfig,
+) -> Combination:
+    """Rank the evaluated queries under one descriptor and metric, and measure the rankings."""
+    p = protocol
+    ranked, dists, per_query = rank(
+        metric,
+        query.by_spec[spec][p.query_index],
+        coll.by_spec[spec][p.coll_index],
+        p.depth,
+        self_index=p.self_pos,
+        expand=config.expand,
+    )
+    rel = p.relevance.matrix(np.arange(len(p.query_index)), ranked)
+    ap = average_precision(rel, p.n_relevant)
+    ks = np.array([k for k in CURVE_KS if k <= rel.shape[1]])
+    return Combination(
+        descriptor=short_label(spec),
+        metric=f"{metric}+qe{config.expand}" if config.expand else metric,
+        summary=summarise(rel, p.n_relevant, ks=tuple(config.ks), map_k=config.map_k),
+        curve11=mean_over_queries(interpolated_precision_11(rel, p.n_relevant))[0],
+        # queries with nothing relevant are left out, as in summarise
+        precision_at=(ks, mean_over_queries(precision_curve(rel, ks)[p.n_relevant > 0])[0]),
+        per_class_ap=per_class_mean(ap, p.classes),
+        query_ms=per_query * 1000,
+        ranked=p.coll_index[ranked[:, : config.keep]],
+        distances=dists[:, : config.keep].copy(),
+        relevant=rel[:, : config.keep].copy(),
+    )
 
 
 def _one_label(labels: Any) -> str | None:
@@ -428,27 +534,16 @@ def _fit_on_images(
     state_dir: str,
     states: dict[str, str],
 ) -> float:
-    """Fit descriptors that learn from images on a seeded sample of the collection, saving each
-    one's state to a file the extraction workers load. Returns the seconds it took."""
+    """Fit descriptors that learn from images on the collection's usable items (as
+    ``Collection`` fits them), saving each one's state to a file the extraction workers load.
+    Returns the seconds it took."""
     started = time.perf_counter()
-    rng = np.random.default_rng(0)
+    usable = np.flatnonzero(ok)
+    items = [data.items[i] for i in usable]
+    labels = [_one_label(data.labels[i]) for i in usable]
     for spec in specs:
         d = create_descriptor(spec)
-        usable = np.flatnonzero(ok)
-        if len(usable) > d.fit_sample:
-            usable = np.sort(rng.choice(usable, d.fit_sample, replace=False))
-        arrays, labels = [], []
-        for i in usable:
-            item = data.items[i]
-            try:
-                if isinstance(item, np.ndarray):
-                    arrays.append(images.to_array(images.from_array(item), d.input_spec))
-                else:
-                    arrays.append(extract_arrays(item, d, max_pixels=settings.max_pixels))
-                labels.append(_one_label(data.labels[i]))
-            except images.ImageError:
-                continue
-        d.fit(arrays, labels if d.needs_labels else None)
+        fit_on_images(d, items, labels, settings.limits)
         path = Path(state_dir) / f"{len(states)}.npz"
         np.savez(path, **d.get_state())
         states[spec] = str(path)

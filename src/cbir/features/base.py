@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cbir.errors import UnavailableError
 from cbir.images import InputSpec
 
 
-class DescriptorUnavailableError(RuntimeError):
+class DescriptorUnavailableError(UnavailableError, RuntimeError):
     """A descriptor that cannot run here (an optional extra is missing); says what to install."""
 
 

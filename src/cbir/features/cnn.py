@@ -142,9 +142,9 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     the collection's vectors, weighted by their cosine similarity to the power ``alpha``
     (Radenović et al.'s alpha-weighting, which keeps the far ones from counting much). Images
     of one kind then share their neighbours' features and move together; queries get the same
-    step, against the same fitted neighbours. It lifts class-level retrieval (dtd10 MAP 0.57 to
-    0.65, COIL-100 0.87 to 0.91) and costs a little where an image has only one or two of its
-    kind in the collection (about -0.03 MAP there; ``augment=0`` turns it off; docs/deep.md).
+    step, against the same fitted neighbours. It lifts class-level retrieval and costs a little
+    where an image has only one or two of its kind in the collection (the figures are in
+    docs/deep.md; ``augment=0`` turns it off).
     """
 
     name = "cnn"

@@ -1,10 +1,10 @@
 """Shape descriptors: histograms of oriented gradients (HOG) on a fixed-size grayscale image.
 
-``skimage.feature.hog`` loops over orientations and blocks in Python/Cython and takes ~4 ms on a
-128 px image. Here each pixel's orientation bin and magnitude are looked up in a table of all
-511^2 integer gradients, the cell histograms of a batch of images are one weighted
-``np.bincount`` and the block normalisation is vectorised over the batch (~0.2 ms per 128 px
-image). The tests check the output against ``skimage.feature.hog``."""
+``skimage.feature.hog`` loops over orientations and blocks in Python/Cython, one image at a
+time, slower than the decode it follows. Here each pixel's orientation bin and magnitude are
+looked up in a table of all 511^2 integer gradients, the cell histograms of a batch of images
+are one weighted ``np.bincount`` and the block normalisation is vectorised over the batch (the
+rates are in docs/benchmarks.md). The tests check the output against ``skimage.feature.hog``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Texture descriptors: co-occurrence (GLCM), first-order statistics and local binary patterns.
 
 All work on 8-bit grayscale arrays. scikit-image defines the computations, but its
-implementations are too slow for the throughput the project needs (LBP ~15 ms and GLCM + props
-~4 ms on a 256 px image), so they are done here vectorised with numpy/OpenCV and the tests check
+implementations, one image and one Python-level pass at a time, are several times slower than
+the decode they follow (docs/benchmarks.md), so they are done here vectorised with numpy/OpenCV
+over whole batches and the tests check
 them against scikit-image: GLCMs equal ``graycomatrix``, properties equal ``graycoprops``, LBP
 codes equal ``local_binary_pattern`` except at exact ties (see :func:`lbp_planes`).
 """
