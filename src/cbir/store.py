@@ -251,7 +251,15 @@ def _no_ids() -> np.ndarray:
 
 
 class Store:
-    """The catalogue and vector files of one collection directory, safe to share by threads."""
+    """The catalogue and vector files of one collection directory, safe to share by threads.
+
+    One class, longer than the rest of cbir's, on purpose: every method goes through the same
+    per-thread connections, the same writer (lock and transaction) and the same snapshot rule
+    for reads, which are what make the collection safe (module docstring). Splitting it would
+    hand those to several objects that must agree; the sections below (plumbing, format,
+    transactions, writer, change feed, descriptors, images, writing, reading, fitted state,
+    housekeeping) are its parts.
+    """
 
     def __init__(self, root: str | Path, *, create: bool = True) -> None:
         self.root = Path(root)
