@@ -15,6 +15,14 @@ call ``imagehash`` itself: it hashes one PIL image at a time and wraps each resu
 while ``transform`` gets a whole chunk of images, so here only the Lanczos resize runs per image
 and the arithmetic (mean, DCT, wavelet transform, median) runs once over the stacked chunk.
 That keeps ``imagehash`` a test-only reference; ``whash`` needs PyWavelets at run time.
+
+What is hashed differs from ``imagehash`` on a file: indexing decodes a file once at the small
+size its hashes ask for (a JPEG in draft mode, then a box shrink to ``input_spec``), not at
+full size, so a collection's hash of a file can differ from ``imagehash``'s hash of the same
+file by several bits (most for ``phash``, whose DCT sees the fine structure the shrink
+averages). Near-duplicate search compares hashes made the same way on both sides, so it is
+not affected; a user who compares cbir's hashes with another tool's should hash the same
+decoded array (``transform``), not the file.
 """
 
 from __future__ import annotations
@@ -70,8 +78,9 @@ class _ImageHash(Descriptor):
 
     @property
     def input_spec(self) -> InputSpec:
-        """Grey, longer side at most max(64, 2 x grid): a Lanczos shrink from there loses
-        nothing the hash sees, and JPEG draft decoding does almost all the reduction."""
+        """Grey, longer side at most max(64, 2 x grid): JPEG draft decoding then does almost
+        all the reduction. The Lanczos shrink from there sees less detail than from the full
+        image, so the bits may differ from a full-size hash (module docstring)."""
         return InputSpec(mode="L", max_side=max(MIN_INPUT_SIDE, 2 * max(self.grid)))
 
     def bits(self, grids: np.ndarray) -> np.ndarray:
