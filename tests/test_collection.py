@@ -19,7 +19,7 @@ from PIL import Image
 
 from cbir.collection import Collection, IndexInterrupted
 from cbir.config import Settings
-from cbir.errors import BusyError, NotFoundError
+from cbir.errors import BusyError, NotFoundError, UnavailableError
 from cbir.images import ImageError
 from cbir.search import rrf_fuse
 from cbir.store import ImageUpdate
@@ -469,3 +469,41 @@ def test_a_copy_of_an_indexed_jpeg_is_found_at_distance_zero(tmp_path, settings)
             hits = col.search(copy, k=2, descriptor=spec)
             assert hits[0].path == str((folder / "a.jpg").resolve()), spec
             assert hits[0].score == pytest.approx(0, abs=1e-6), spec
+
+
+def test_a_descriptor_that_cannot_run_here_does_not_block_the_others(
+    colour_set, settings, tmp_path, monkeypatch
+):
+    """A collection indexed where an extra was installed, opened where it is not: info and a
+    search with another descriptor still work; only that descriptor says what to install."""
+    from cbir.features import get_descriptor_class
+    from cbir.holdings import short_label
+
+    root, paths = colour_set
+    with _open(settings) as col:
+        col.add(root, descriptors=["color-hist", "lbp"])
+    monkeypatch.setattr(
+        get_descriptor_class("lbp"),
+        "missing_requirements",
+        classmethod(lambda cls, params: "pip install 'cbir[imaginary]'"),
+    )
+    short_label.cache_clear()  # labels are cached by spec; this test changes what can run
+    try:
+        outside = tmp_path / "query.png"
+        outside.write_bytes(paths["red"][0].read_bytes())
+        with _open(settings) as col:
+            assert [d["vectors"] for d in col.info()["descriptors"]] == [20, 20]
+            hits = col.search(outside, k=3, descriptor="color-hist")
+            assert hits[0].path == str(paths["red"][0].resolve())
+            with pytest.raises(UnavailableError, match=r"cannot run here.*imaginary"):
+                col.search(outside, k=3, descriptor="lbp")
+    finally:
+        short_label.cache_clear()
+
+
+def test_an_image_array_as_query_says_what_to_give(colour_set, settings):
+    root, _ = colour_set
+    with _open(settings) as col:
+        col.add(root / "red", descriptors=["color-hist"])
+        with pytest.raises(ValueError, match=r"vector or a matrix of vectors.*file path"):
+            col.search(np.zeros((8, 8, 3), np.uint8))

@@ -145,3 +145,19 @@ def test_searches_from_several_threads_while_one_indexes(tmp_path):
             t.join()
         assert not errors, errors[0]
         assert min(sizes) >= 16 and len(col.search(query, k=100)) == 56
+
+
+def test_a_new_vector_length_rebuilds_a_streamed_index(tmp_path):
+    """A refit that changes the vector length (cnnp's classes) must not leave a stale index."""
+    write_colour_set(tmp_path / "img", per_class=2)
+    settings = Settings(collection=tmp_path / "col", workers=1, memory_budget=0)
+    with Collection(settings=settings) as col:
+        col.add(tmp_path / "img", descriptors=["fotf"])
+        record = col.descriptor()
+        assert len(col.search(np.ones(record.dim), k=3)) == 3
+        ids, _ = col.vectors()
+        col.store.set_dim(record.id, 4)
+        col.store.write_vectors(record.id, ids, np.ones((len(ids), 4), np.float32))
+        col.store.release()
+        hits = col.search(np.ones(4), k=3)
+        assert len(hits) == 3 and hits[0].score == pytest.approx(0, abs=1e-6)

@@ -326,7 +326,10 @@ def _print_hits(result: SearchResult) -> None:
         )
     out.print(table)
     if not result.hits:
-        out.print("no results: the collection holds no vectors for this descriptor yet")
+        out.print(
+            "no results: the collection holds no vectors of this descriptor yet, or every "
+            "image was left out (--exclude-queries)"
+        )
 
 
 def _display_path(path: str) -> str:

@@ -13,6 +13,7 @@ from cbir.errors import InvalidRequestError, NotFoundError
 from cbir.features import (
     DerivedDescriptor,
     Descriptor,
+    DescriptorUnavailableError,
     create_descriptor,
     get_descriptor_class,
     metric_applies,
@@ -31,8 +32,12 @@ def derives(d: Descriptor) -> bool:
 @lru_cache(maxsize=256)
 def short_label(spec: str) -> str:
     """How a person reads a descriptor's spec: only the parameters that differ from their
-    defaults (``Descriptor.short_spec``)."""
-    return create_descriptor(spec).short_spec
+    defaults (``Descriptor.short_spec``); the whole spec for one that cannot run here (its
+    extra is missing), which still names it exactly."""
+    try:
+        return create_descriptor(spec).short_spec
+    except DescriptorUnavailableError:
+        return spec
 
 
 def find(store: Store, spec: str | None = None) -> DescriptorRecord:
@@ -82,13 +87,19 @@ def instance(store: Store, record: DescriptorRecord) -> Descriptor:
     return d
 
 
-def extracted_together(store: Store) -> tuple[str, ...]:
+def extracted_together(store: Store, *, runnable_only: bool = False) -> tuple[str, ...]:
     """The specs the extraction workers compute from each image, from one decode: every
     descriptor the collection holds but the derived ones (computed from their base's vectors)
-    and those still waiting to be fitted."""
+    and those still waiting to be fitted. ``runnable_only`` leaves out those that cannot run
+    here (an extra is missing) instead of raising."""
     out = []
     for d in store.descriptors():
-        obj = create_descriptor(d.spec)
+        try:
+            obj = create_descriptor(d.spec)
+        except DescriptorUnavailableError:
+            if runnable_only:
+                continue
+            raise
         if derives(obj) or (obj.requires_fit and not store.has_state(d.id)):
             continue
         out.append(d.spec)

@@ -24,14 +24,13 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from cbir.errors import CorruptError, InvalidRequestError
-from cbir.metrics import Metric
+from cbir.metrics import Metric, as_matrix
 
 #: The id of an empty result slot (FAISS's convention).
 MISSING = -1
@@ -62,7 +61,6 @@ class VectorIndex(Protocol):
         """Write the index to one file, atomically."""
 
 
-IndexFactory = Callable[..., VectorIndex]
 _KINDS: dict[str, type] = {}
 _loaded = False
 
@@ -131,8 +129,6 @@ def load_index(path: str | os.PathLike[str]) -> VectorIndex:
 def check_query(queries: np.ndarray, k: int, dim: int) -> np.ndarray:
     """Validate a search's arguments, the same way for every kind: a 2-D float matrix of
     ``dim`` columns and a positive integer ``k``."""
-    from cbir.metrics import as_matrix
-
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise InvalidRequestError(f"k must be a positive integer, got {k!r}")
     try:
@@ -143,8 +139,6 @@ def check_query(queries: np.ndarray, k: int, dim: int) -> np.ndarray:
 
 def check_rows(ids: np.ndarray, vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate rows to add: int64 ids, one per row of a finite ``dim``-column matrix, unique."""
-    from cbir.metrics import as_matrix
-
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     try:
         vectors = as_matrix(vectors, dim) if len(ids) else np.empty((0, dim), np.float32)

@@ -113,7 +113,7 @@ class ExactIndex:
         try:
             with np.load(path, allow_pickle=False) as data:
                 index = cls(str(data["metric"]), dim=int(data["dim"]))
-                parts = [data[f"rows{n}"] for n in range(len(data.files) - 5)]
+                parts = [data[f"rows{n}"] for n in range(_row_parts(data.files))]
                 ids = data["ids"]
                 tuple_rows = bool(data["tuple_rows"])
         except (OSError, KeyError, ValueError) as exc:
@@ -153,6 +153,11 @@ def scan(
     best_i = np.take_along_axis(best_i, order, axis=1)
     best_i[~np.isfinite(best_d)] = MISSING
     return best_d, best_i
+
+
+def _row_parts(files: list[str]) -> int:
+    """How many arrays of prepared rows a saved index holds (``rows0``, ``rows1``, ...)."""
+    return sum(name.startswith("rows") for name in files)
 
 
 def _concat(a: Prepared, b: Prepared) -> Prepared:

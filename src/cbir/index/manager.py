@@ -85,6 +85,8 @@ class IndexManager:
         key = (record.id, m.name)
         with self._lock:
             entry = self._entries.get(key)
+            if entry is not None and entry.index.dim != record.dim:
+                entry = None  # a refit changed the vector length (e.g. cnnp's classes)
             generation = self.store.generation(record.id)
             if entry is not None and entry.generation != generation:
                 entry = self._catch_up(entry, record)
@@ -92,11 +94,6 @@ class IndexManager:
                 entry = self._build(record, m)
             self._entries[key] = entry
             return entry.index
-
-    def clear(self) -> None:
-        """Forget every index (they are rebuilt on the next search)."""
-        with self._lock:
-            self._entries.clear()
 
     def _build(self, record: DescriptorRecord, metric: Metric) -> _Entry:
         # the generation is read before the vectors: a write in between is applied again by

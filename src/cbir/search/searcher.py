@@ -17,7 +17,7 @@ import numpy as np
 from cbir import holdings, images
 from cbir.config import Settings
 from cbir.errors import InvalidRequestError
-from cbir.extraction import extract_images
+from cbir.extraction import extract_arrays
 from cbir.features import Descriptor, create_descriptor
 from cbir.index.manager import IndexManager
 from cbir.search.combine import RRF_DEPTH, expand_query, ranked_ids, rrf_fuse
@@ -90,45 +90,61 @@ class Searcher:
     ) -> tuple[np.ndarray, list[int]]:
         """Vectors for the query items, and the catalogue ids of those in the collection."""
         if isinstance(query, np.ndarray):
-            return self._checked(np.atleast_2d(query).astype(np.float32), record), []
+            return self._checked(_as_vectors(query), record), []
         items = [query] if isinstance(query, str | bytes | os.PathLike) else list(query)
         if not items:
             raise InvalidRequestError("no query given")
         rows: list[np.ndarray] = []
         ids: list[int] = []
-        descriptor: Descriptor | None = None
-        together: list[Descriptor] | None = None
+        to_describe: list[tuple[int, str | bytes]] = []  # (row, image) decoded here
         for item in items:
             if isinstance(item, np.ndarray):
-                rows.extend(np.atleast_2d(item).astype(np.float32))
+                rows.extend(_as_vectors(item))
                 continue
             if not isinstance(item, bytes):
                 path = str(Path(item).expanduser().resolve())
                 stored = self._stored(path, record)
                 if stored is not None:
-                    rows.append(stored[1])
                     ids.append(stored[0])
+                    rows.append(stored[1])
                     continue
                 item = path
-            descriptor = descriptor or holdings.instance(self.store, record)
-            together = together if together is not None else self._decoded_with(record)
+            to_describe.append((len(rows), item))
+            rows.append(np.empty(0, np.float32))  # filled below, in one batch
+        if to_describe:
+            described = self._describe(to_describe, record)
+            for (row, _), vector in zip(to_describe, described, strict=True):
+                rows[row] = vector
+        return self._checked(np.stack(rows), record), ids
+
+    def _describe(
+        self, items: list[tuple[int, str | bytes]], record: DescriptorRecord
+    ) -> np.ndarray:
+        """Vectors of query images (paths or encoded bytes): each decoded as indexing decodes
+        it, then described in one batch; an unusable image is named in the error."""
+        descriptor = holdings.instance(self.store, record)
+        together = self._decoded_with(record)
+        arrays = []
+        for _, item in items:
             try:
-                rows.append(
-                    extract_images(
-                        [item], descriptor, limits=self.settings.limits, decoded_with=together
-                    )[0]
+                arrays.append(
+                    extract_arrays(
+                        item, descriptor, limits=self.settings.limits, decoded_with=together
+                    )
                 )
             except images.ImageError as exc:
                 name = "query bytes" if isinstance(item, bytes) else str(item)
                 raise images.ImageError(exc.reason, name) from None
-        return self._checked(np.stack(rows), record), ids
+        return np.asarray(descriptor.transform(arrays), dtype=np.float32)
 
     def _decoded_with(self, record: DescriptorRecord) -> list[Descriptor]:
         """The descriptors indexing decodes together with ``record``'s (its base's, for a
-        derived one), so a query image is decoded as an indexed one was."""
+        derived one), so a query image is decoded as an indexed one was. One that cannot run
+        here is left out: searching with another descriptor must not need its extra."""
         d = create_descriptor(record.spec)
         own = d.base.spec if holdings.derives(d) else record.spec
-        return [create_descriptor(s) for s in holdings.extracted_together(self.store) if s != own]
+        together = holdings.extracted_together(self.store, runnable_only=True)
+        return [create_descriptor(s) for s in together if s != own]
 
     def _stored(self, path: str, record: DescriptorRecord) -> tuple[int, np.ndarray] | None:
         """The id and stored vector of a query file the collection holds, unchanged on disk."""
@@ -148,6 +164,16 @@ class Searcher:
                 f"{holdings.short_label(record.spec)} has {record.dim}"
             )
         return matrix
+
+
+def _as_vectors(array: np.ndarray) -> np.ndarray:
+    """A query array as rows of vectors; an image array is refused with what to give instead."""
+    if array.ndim > 2:
+        raise InvalidRequestError(
+            f"a query array is a vector or a matrix of vectors, got shape {array.shape}; "
+            "give an image as a file path or its encoded bytes"
+        )
+    return np.atleast_2d(array).astype(np.float32)
 
 
 def unchanged(rec: ImageRecord) -> bool:
