@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Collection", "Hit", "ImageError", "Settings", "__version__"]
+__all__ = ["Collection", "Hit", "ImageError", "SearchResult", "Settings", "__version__"]
 
 if TYPE_CHECKING:
     from cbir.collection import Collection
     from cbir.config import Settings
     from cbir.images import ImageError
-    from cbir.search import Hit
+    from cbir.search import Hit, SearchResult
 
 
 def __getattr__(name: str) -> Any:
@@ -32,8 +32,8 @@ def __getattr__(name: str) -> Any:
         from cbir.images import ImageError
 
         return ImageError
-    if name == "Hit":
-        from cbir.search import Hit
+    if name in ("Hit", "SearchResult"):
+        import cbir.search
 
-        return Hit
+        return getattr(cbir.search, name)
     raise AttributeError(f"module 'cbir' has no attribute {name!r}")
