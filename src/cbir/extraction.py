@@ -91,6 +91,7 @@ def _init_worker(parent_pid: int | None = None) -> None:
     # The parent handles Ctrl-C and tells the workers to stop; each worker uses one thread so
     # two workers on two cores do not fight over them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held while it was spawned
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     os.environ["CBIR_WORKER"] = "1"  # read by the deep backbones: one PyTorch thread each
@@ -236,21 +237,22 @@ def _stop_event(cancel: threading.Event | None) -> Iterator[threading.Event]:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT while worker processes may be spawned (on submit).
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT back while worker processes may be spawned (on submit).
 
-    An ignored signal stays ignored across fork and exec, and Python keeps it so at start-up, so
-    a Ctrl-C that reaches the whole process group cannot kill a worker before its initializer
-    runs (which would break the pool). The parent's own Ctrl-C handling resumes afterwards.
+    A blocked signal stays blocked across fork and exec, so a Ctrl-C that reaches the whole
+    process group cannot kill a worker before its initializer ignores it (which would break the
+    pool). Blocking, unlike ignoring, keeps the signal pending: the parent receives it as soon
+    as the spawn is over, so a Ctrl-C pressed meanwhile still stops the run.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class WorkerCrashError(UnavailableError):
@@ -445,7 +447,7 @@ class _PoolRun:
 
     def _fill(self, pool: ProcessPoolExecutor) -> bool:
         """Submit what may start; True when the pool turned out to be broken."""
-        with _sigint_ignored():  # workers start on submit and inherit it: no Ctrl-C mid-import
+        with _sigint_held():  # workers start on submit and inherit it: no Ctrl-C mid-import
             while (work := self._next()) is not None:
                 try:
                     future = pool.submit(extract_chunk, work.tasks, self.limits, self.states)
