@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,17 @@ def colour_set(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
 def settings(tmp_path: Path) -> Settings:
     """In-process extraction (fast for small sets) into a collection under tmp_path."""
     return Settings(collection=tmp_path / "col", workers=1)
+
+
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C handled as Python does by default, whatever the runner set: a shell starts
+    background jobs with SIGINT ignored, which a test of Ctrl-C must not inherit."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def sigint_default_in_child() -> None:
+    """``preexec_fn`` for a child process whose Ctrl-C a test sends (see ``sigint_default``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

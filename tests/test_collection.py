@@ -212,8 +212,11 @@ def _start_index(root: Path, col_dir: Path, workers: int, flush_every: int) -> s
     env = {**os.environ, "CBIR_FLUSH_EVERY": str(flush_every), "CBIR_WORKERS": str(workers)}
     cmd = [sys.executable, "-m", "cbir.cli", "index", str(root), "-c", str(col_dir),
            "-d", "color-hist", "-d", "lbp", "-d", "hog"]  # fmt: skip
+    from tests.conftest import sigint_default_in_child
+
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True,
+                            preexec_fn=sigint_default_in_child)  # fmt: skip
 
 
 def _wait_for_catalogued(proc: subprocess.Popen, col_dir: Path, count: int) -> int:

@@ -345,7 +345,7 @@ def test_an_event_set_from_another_thread_stops_the_run(
         assert len(by_path) == 2  # the chunk that was running, whole
 
 
-def test_first_ctrl_c_stops_and_sets_the_event(tmp_path: Path) -> None:
+def test_first_ctrl_c_stops_and_sets_the_event(tmp_path: Path, sigint_default: None) -> None:
     paths = write_images(tmp_path / "images", 8)
     before = signal.getsignal(signal.SIGINT)
     cancel = threading.Event()
@@ -363,7 +363,7 @@ def test_first_ctrl_c_stops_and_sets_the_event(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_second_ctrl_c_interrupts_at_once(tmp_path: Path) -> None:
+def test_second_ctrl_c_interrupts_at_once(tmp_path: Path, sigint_default: None) -> None:
     paths = write_images(tmp_path / "images", 8)
     before = signal.getsignal(signal.SIGINT)
 
