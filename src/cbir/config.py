@@ -63,9 +63,13 @@ class Settings:
     flush_every: int = 512
     #: A descriptor's vectors are held in RAM for search when they fit in this many bytes;
     #: larger collections are streamed from the memory-mapped files block by block.
-    memory_budget: int = 1 << 30
+    memory_budget: int = 4 << 30
     #: Rows compared with the queries at a time in exact search.
     block_rows: int = 16384
+    #: The index kind searches use (``cbir.index.index_kinds()``), or ``auto``: exact search
+    #: below ``auto_threshold`` images, an approximate index above (see cbir.index.manager).
+    index: str = "auto"
+    auto_threshold: int = 50_000
     default_descriptors: tuple[str, ...] = field(default_factory=default_descriptors)
 
     @classmethod
@@ -76,7 +80,9 @@ class Settings:
             workers=_env_int("CBIR_WORKERS", 0),
             max_pixels=_env_int("CBIR_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_bytes=_env_int("CBIR_MAX_BYTES", DEFAULT_MAX_BYTES),
-            memory_budget=_env_int("CBIR_MEMORY_BUDGET", 1 << 30),
+            memory_budget=_env_int("CBIR_MEMORY_BUDGET", 4 << 30),
+            index=os.environ.get("CBIR_INDEX") or "auto",
+            auto_threshold=_env_int("CBIR_AUTO_THRESHOLD", 50_000),
             flush_every=_env_int("CBIR_FLUSH_EVERY", 512),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -32,6 +32,7 @@ from cbir.features.registry import (
 )
 from cbir.images import ImageError, InputSpec, from_array, prepare_arrays
 from cbir.metrics import get_metric
+from cbir.metrics.vector import unit_rows
 
 #: How each block is embedded (see :class:`Fusion`).
 NORMS = ("auto", "l2")
@@ -173,21 +174,18 @@ def block_kind(part: Descriptor, norm: str = "auto") -> str:
     return "l2"
 
 
+#: The metric whose index embedding (its route, :class:`cbir.metrics.base.Route`) embeds each
+#: kind of block: one mechanism for early fusion and for approximate indexes.
+BLOCK_METRICS = {"hellinger": "hellinger", "sign": "hamming", "l2": "cosine"}
+
+
 def embed_block(vectors: np.ndarray, kind: str) -> np.ndarray:
-    """``(n, d)`` part vectors to unit-length rows (float64) for the given ``kind``."""
+    """``(n, d)`` part vectors to unit-length rows (float64) for the given ``kind``: the
+    index embedding of the block's metric, scaled to unit length."""
     X = np.asarray(vectors, dtype=np.float64)
     if kind == "hellinger":
-        # the distribution metrics read an empty histogram as uniform; so does this
-        X = np.maximum(X, 0.0)
-        totals = X.sum(axis=1, keepdims=True)
-        X = np.where(totals > 0, X / np.where(totals > 0, totals, 1.0), 1.0 / max(X.shape[1], 1))
-        return np.sqrt(X)
-    if kind == "sign":
-        # bits to +-1/sqrt(d): squared distance = 4 * hamming / d
-        return (2.0 * (X > 0.5) - 1.0) / math.sqrt(max(X.shape[1], 1))
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    # a zero vector (HOG of a flat image) stays zero: no direction to normalise
-    return np.where(norms > 0, X / np.where(norms > 0, norms, 1.0), 0.0)
+        X = np.maximum(X, 0.0)  # a part's rounding just below zero is not a negative bin
+    return unit_rows(get_metric(BLOCK_METRICS[kind]).route.embed(X))
 
 
 @register_descriptor

@@ -7,6 +7,7 @@ with the collection's change feed.
 
 from cbir.index.base import (
     MISSING,
+    SearchParams,
     VectorIndex,
     create_index,
     index_class,
@@ -19,6 +20,7 @@ from cbir.index.exact import ExactIndex, scan
 __all__ = [
     "MISSING",
     "ExactIndex",
+    "SearchParams",
     "VectorIndex",
     "create_index",
     "index_class",

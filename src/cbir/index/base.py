@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -36,11 +38,33 @@ from cbir.metrics import Metric, as_matrix
 MISSING = -1
 
 
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-query settings of approximate kinds (None: the index's own); exact kinds ignore
+    them. ``ef``: HNSW search breadth; ``nprobe``: IVF lists visited; ``rerank``: candidates per
+    result ranked again by the true metric."""
+
+    ef: int | None = None
+    nprobe: int | None = None
+    rerank: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ef", "nprobe", "rerank"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1
+            ):
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+
+
 @runtime_checkable
 class VectorIndex(Protocol):
     """What every index kind offers; see the module docstring for the shared conventions."""
 
     kind: ClassVar[str]
+    #: Whether results may miss true neighbours (the price of speed); exact kinds break ties
+    #: by id.
+    approximate: ClassVar[bool]
     metric: Metric
     dim: int
 
@@ -53,9 +77,15 @@ class VectorIndex(Protocol):
         """Drop the rows of ``ids``; returns how many were held."""
 
     def search(
-        self, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: np.ndarray | None = None,
+        params: SearchParams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest rows of each query: ``(distances, ids)``, never an ``exclude`` id."""
+        """The ``k`` nearest rows of each query: ``(distances, ids)``, never an ``exclude`` id;
+        distances are the metric's."""
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to one file, atomically."""
@@ -113,16 +143,18 @@ def create_index(kind: str, *, metric: str | Metric, dim: int, **params: Any) ->
     return index
 
 
-def load_index(path: str | os.PathLike[str]) -> VectorIndex:
+def load_index(
+    path: str | os.PathLike[str], source: Callable[[np.ndarray], np.ndarray] | None = None
+) -> VectorIndex:
     """Read an index written by ``save``, as the kind that wrote it (a clear error if the file
-    is not one)."""
+    is not one). ``source`` reads full vectors by id, for kinds that re-rank with them."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             kind = str(data["kind"])
     except (OSError, KeyError, ValueError) as exc:
         raise CorruptError(f"{path} is not a saved cbir index ({exc}); it will be rebuilt") from exc
-    index: VectorIndex = index_class(kind).load(path)
+    index: VectorIndex = index_class(kind).load(path, source=source)
     return index
 
 

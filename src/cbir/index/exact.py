@@ -20,7 +20,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cbir.errors import CorruptError, InvalidRequestError
-from cbir.index.base import MISSING, atomic_save, check_query, check_rows, register_index
+from cbir.index.base import (
+    MISSING,
+    SearchParams,
+    atomic_save,
+    check_query,
+    check_rows,
+    register_index,
+)
 from cbir.metrics import Metric, get_metric, take_rows
 from cbir.metrics.base import Prepared
 
@@ -33,6 +40,7 @@ class ExactIndex:
     """Brute-force k-NN: exact for every metric, vectorised over blocks of the collection."""
 
     kind: ClassVar[str] = "exact"
+    approximate: ClassVar[bool] = False
 
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, block_rows: int = DEFAULT_BLOCK_ROWS
@@ -80,7 +88,12 @@ class ExactIndex:
 
     # -- searching -----------------------------------------------------------------------------
     def search(
-        self, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: np.ndarray | None = None,
+        params: SearchParams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows for each query: ``(distances, ids)``, each ``(m, min(k, n))``,
         sorted by distance, ties by id; ``exclude`` ids never appear (their slots are padded)."""
@@ -109,7 +122,8 @@ class ExactIndex:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ExactIndex:
+    def load(cls, path: str | os.PathLike[str], source: object = None) -> ExactIndex:
+        """Read a saved exact index (it holds its rows: ``source`` is not needed)."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 index = cls(str(data["metric"]), dim=int(data["dim"]))

@@ -7,23 +7,44 @@ removed vectors meanwhile, applies just those changes (``Store.changes_since``);
 refit replaced every vector, or the log no longer reaches back) rebuilds the index. So a
 long-running process searches what ``cbir index`` added in another process without reopening.
 
-The memory policy: a descriptor whose vectors, prepared for the metric, fit the settings' memory
-budget is held in RAM (:class:`~cbir.index.exact.ExactIndex`); a larger one is scanned block by
-block from the memory-mapped segment files at each search (:class:`SegmentScan`), which is
-always current and needs no updates.
+Which index (``Settings.index``): a kind by name, or ``auto``: exact search below
+``Settings.auto_threshold`` images, above it an HNSW graph when its vectors fit the memory budget,
+else IVF-PQ, which keeps only compact codes in RAM and re-ranks from the segment files.
+
+The memory policy of exact search: a descriptor whose vectors fit the budget is held in RAM
+(:class:`~cbir.index.exact.ExactIndex`); a larger one is scanned block by block from the
+memory-mapped segment files at each search (:class:`SegmentScan`), always current.
+
+Approximate indexes are saved under the collection's ``indexes/`` folder with a small record of
+the change-feed generation they reflect, written after the index (a crash between the two leaves
+an older generation on record, and replaying changes already applied is harmless). Opening a
+collection loads a saved index and catches it up; a missing, unreadable or mismatched one is
+rebuilt, never trusted. Updated indexes are saved again when the collection is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from cbir.config import Settings
-from cbir.index.base import VectorIndex, check_query, create_index
+from cbir.errors import CorruptError, InvalidRequestError
+from cbir.index.base import (
+    SearchParams,
+    VectorIndex,
+    check_query,
+    create_index,
+    index_kinds,
+    load_index,
+)
 from cbir.index.exact import scan
 from cbir.metrics import Metric, as_matrix, get_metric
 from cbir.metrics.base import Prepared
@@ -34,6 +55,27 @@ VALUE_BYTES = 4
 #: Copies of a descriptor's vectors alive while an index is built in RAM: the loaded matrix and
 #: its prepared form.
 BUILD_COPIES = 2
+#: An HNSW index holds its vectors and about this much again in links (M=32: 256 bytes a row).
+HNSW_OVERHEAD = 2
+#: Vectors an index that learns (IVF lists, PQ codebooks) is trained on, drawn evenly.
+TRAIN_SAMPLE = 100_000
+#: The approximate kinds ``auto`` chooses: in RAM, and compact codes with a re-rank from disk.
+AUTO_IN_RAM, AUTO_COMPACT = "hnsw", "ivf-pq"
+
+
+def choose_kind(settings: Settings, n: int, dim: int) -> str:
+    """The index kind for ``n`` vectors of ``dim`` values under the settings."""
+    if settings.index != "auto":
+        if settings.index not in index_kinds():
+            raise InvalidRequestError(
+                f"unknown index {settings.index!r}; choose auto or one of: "
+                f"{', '.join(index_kinds())}"
+            )
+        return settings.index
+    if n < settings.auto_threshold:
+        return "exact"
+    fits = n * dim * VALUE_BYTES * HNSW_OVERHEAD <= settings.memory_budget
+    return AUTO_IN_RAM if fits else AUTO_COMPACT
 
 
 class SegmentScan:
@@ -41,6 +83,7 @@ class SegmentScan:
     memory, always current). Not a registered kind: it is a view of one store."""
 
     kind: ClassVar[str] = "exact-stream"
+    approximate: ClassVar[bool] = False
 
     def __init__(self, store: Store, record: DescriptorRecord, metric: Metric, block_rows: int):
         self.store, self.record, self.metric = store, record, metric
@@ -50,7 +93,12 @@ class SegmentScan:
         return self.store.vector_count(self.record.id)
 
     def search(
-        self, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: np.ndarray | None = None,
+        params: SearchParams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         Q = check_query(queries, k, self.dim)
 
@@ -68,6 +116,7 @@ SearchIndex = VectorIndex | SegmentScan
 class _Entry:
     index: SearchIndex
     generation: int
+    saved: int = -1  # the generation of the saved copy (-1: none)
 
 
 class IndexManager:
@@ -76,29 +125,52 @@ class IndexManager:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self._entries: dict[tuple[int, str], _Entry] = {}
+        self._entries: dict[tuple[int, str, str], _Entry] = {}
         self._lock = threading.Lock()
 
-    def index(self, record: DescriptorRecord, metric: str | Metric) -> SearchIndex:
-        """The index of a descriptor under a metric, up to date with the store."""
+    def index(
+        self, record: DescriptorRecord, metric: str | Metric, *, exact: bool = False
+    ) -> SearchIndex:
+        """The index of a descriptor under a metric, up to date with the store; ``exact``
+        asks for exact search whatever the settings choose."""
         m = get_metric(metric)
-        key = (record.id, m.name)
+        kind = "exact" if exact else choose_kind(
+            self.settings, self.store.vector_count(record.id), record.dim
+        )
+        key = (record.id, m.name, kind)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.index.dim != record.dim:
                 entry = None  # a refit changed the vector length (e.g. cnnp's classes)
             generation = self.store.generation(record.id)
+            if entry is None and kind != "exact":
+                entry = self._load_saved(record, m, kind)
             if entry is not None and entry.generation != generation:
                 entry = self._catch_up(entry, record)
+            if entry is not None and getattr(entry.index, "stale", False):
+                entry = None  # many removals, or grown far past what it learned from
             if entry is None:
-                entry = self._build(record, m)
+                entry = self._build(record, m, kind)
             self._entries[key] = entry
             return entry.index
 
-    def _build(self, record: DescriptorRecord, metric: Metric) -> _Entry:
+    def close(self) -> None:
+        """Save the approximate indexes updated since they were saved (or built)."""
+        with self._lock:
+            for (descriptor_id, metric, kind), entry in self._entries.items():
+                if isinstance(entry.index, SegmentScan) or entry.saved == entry.generation:
+                    continue
+                if kind != "exact":
+                    with contextlib.suppress(OSError):  # a read-only collection keeps none
+                        self._save(descriptor_id, metric, kind, entry.index, entry)
+
+    # -- building ------------------------------------------------------------------------------
+    def _build(self, record: DescriptorRecord, metric: Metric, kind: str) -> _Entry:
         # the generation is read before the vectors: a write in between is applied again by
         # the next catch-up, which is harmless (add replaces, remove ignores what is gone)
         generation = self.store.generation(record.id)
+        if kind != "exact":
+            return self._build_approximate(record, metric, kind, generation)
         n = self.store.vector_count(record.id)
         if n * record.dim * VALUE_BYTES * BUILD_COPIES > self.settings.memory_budget:
             scan_ = SegmentScan(self.store, record, metric, self.settings.block_rows)
@@ -108,6 +180,70 @@ class IndexManager:
         )
         index.add(*self.store.load_vectors(record.id))
         return _Entry(index, generation)
+
+    def _build_approximate(
+        self, record: DescriptorRecord, metric: Metric, kind: str, generation: int
+    ) -> _Entry:
+        index: Any = create_index(kind, metric=metric, dim=record.dim, source=self._source(record))
+        n = self.store.vector_count(record.id)
+        if n:
+            index.train(self._sample(record, n), expected=n)
+            for ids, block in self.store.iter_vector_blocks(record.id, self.settings.block_rows):
+                index.add(ids, block)
+        entry = _Entry(index, generation)
+        with contextlib.suppress(OSError):
+            self._save(record.id, metric.name, kind, index, entry)
+        return entry
+
+    def _sample(self, record: DescriptorRecord, n: int) -> np.ndarray:
+        """Up to :data:`TRAIN_SAMPLE` vectors, evenly spread over the collection."""
+        step = max(1, n // TRAIN_SAMPLE)
+        rows = []
+        for _, block in self.store.iter_vector_blocks(record.id, self.settings.block_rows):
+            rows.append(block[::step])
+        return np.concatenate(rows)[:TRAIN_SAMPLE]
+
+    def _source(self, record: DescriptorRecord) -> Any:
+        """Reads full vectors for an approximate index's exact re-rank."""
+        store, descriptor_id = self.store, record.id
+
+        def vectors(ids: np.ndarray) -> np.ndarray:
+            return store.vectors_for(descriptor_id, ids)
+
+        return vectors
+
+    # -- saved copies --------------------------------------------------------------------------
+    def _paths(self, descriptor_id: int, metric: str, kind: str) -> tuple[Path, Path]:
+        folder = self.store.root / "indexes"
+        name = f"{descriptor_id}-{metric}-{kind}"
+        return folder / f"{name}.npz", folder / f"{name}.json"
+
+    def _save(
+        self, descriptor_id: int, metric: str, kind: str, index: VectorIndex, entry: _Entry
+    ) -> None:
+        """The index file, then the record of the generation it reflects (see the module)."""
+        index_file, record_file = self._paths(descriptor_id, metric, kind)
+        index_file.parent.mkdir(exist_ok=True)
+        index.save(index_file)
+        tmp = record_file.with_name(f".tmp-{os.getpid()}-{record_file.name}")
+        tmp.write_text(json.dumps({"generation": entry.generation, "dim": index.dim}))
+        os.replace(tmp, record_file)
+        entry.saved = entry.generation
+
+    def _load_saved(self, record: DescriptorRecord, metric: Metric, kind: str) -> _Entry | None:
+        index_file, record_file = self._paths(record.id, metric.name, kind)
+        try:
+            saved = json.loads(record_file.read_text())
+            index = load_index(index_file, source=self._source(record))
+        except (OSError, ValueError, KeyError, CorruptError):
+            return None  # none, or not trustworthy: rebuilt
+        fits = index.kind == kind and index.metric.name == metric.name and index.dim == record.dim
+        generation = saved.get("generation")
+        if not fits or not isinstance(generation, int):
+            return None
+        if generation > self.store.generation(record.id):
+            return None  # from another life of the collection
+        return _Entry(index, generation, saved=generation)
 
     def _catch_up(self, entry: _Entry, record: DescriptorRecord) -> _Entry | None:
         """Apply the changes since the entry's generation; None when it must be rebuilt."""

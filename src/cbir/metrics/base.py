@@ -5,6 +5,12 @@ A metric is split in two vectorised halves so search can pay the per-vector work
 tuple of arrays whose first axis has ``n`` rows), and ``compare(Pq, Pc)`` turns a prepared query
 block and a prepared ``(n, d)`` collection block into an ``(m, n)`` float distance matrix.
 Search prepares the collection once, slices the prepared rows into blocks and keeps memory bounded.
+
+A vector index (FAISS, Milvus) knows only a few metrics of its own. Each metric therefore declares
+its :class:`Route` onto one: ``native`` (the index computes it), ``embedded`` (an exact embedding
+turns it into one the index computes, e.g. the square root of a histogram for Hellinger), or
+``rerank`` (an embedding that only finds candidates, which are then ranked by the true metric).
+The exact search needs no route; every approximate index reads it from here.
 """
 
 from __future__ import annotations
@@ -15,11 +21,60 @@ import pkgutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 Prepared = Any  # np.ndarray or tuple[np.ndarray, ...], first axis = rows
+
+#: The metrics a vector index computes itself over embedded rows: squared L2 (as FAISS and
+#: Milvus report it), inner product (larger is closer), L1 and L-infinity.
+SPACES = ("l2", "ip", "l1", "linf")
+RouteKind = Literal["native", "embedded", "rerank"]
+
+
+def _as_float64(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a metric is searched by an index that computes only the metrics in :data:`SPACES`.
+
+    ``embed`` maps database rows (and ``embed_query`` query rows, when the embedding is
+    asymmetric) to float64 rows the index compares in ``space``. ``distance`` turns the index's
+    scores for a query block back into the metric's distances (given the raw queries); a route
+    without one (``rerank``) only finds candidates, which the index ranks again with the true
+    metric. ``fallback`` names the metric whose route finds candidates in an index that lacks
+    ``space`` (Milvus has no L1).
+    """
+
+    kind: RouteKind
+    space: str
+    embed: Callable[[np.ndarray], np.ndarray] = _as_float64
+    embed_query: Callable[[np.ndarray], np.ndarray] | None = None
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    fallback: str = "euclidean"
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"route space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if (self.distance is None) != (self.kind == "rerank"):
+            raise ValueError("a rerank route has no distance; native and embedded ones have one")
+
+    @property
+    def exact(self) -> bool:
+        """The index's ranking of the embedded rows is the metric's ranking."""
+        return self.distance is not None
+
+    def queries(self, X: np.ndarray) -> np.ndarray:
+        """Query rows embedded for the index."""
+        return (self.embed_query or self.embed)(X)
+
+
+#: A metric that declares no route (a plug-in) finds candidates by L2 on its raw rows, and the
+#: candidates are ranked by the metric itself.
+RERANK_BY_L2 = Route("rerank", "l2")
 
 
 @dataclass(frozen=True)
@@ -37,6 +92,20 @@ class Metric:
     #: Needs 0/1 input (hash bits); ``prepare`` raises ValueError otherwise.
     binary: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    #: How an approximate index searches it (see :class:`Route`).
+    route: Route = RERANK_BY_L2
+
+    def route_for(self, spaces: tuple[str, ...]) -> Route:
+        """The route onto an index that computes only ``spaces``: the metric's own, or one
+        that finds candidates through its ``fallback`` metric's embedding, for a re-rank."""
+        if self.route.space in spaces:
+            return self.route
+        other = get_metric(self.route.fallback).route
+        if other.space not in spaces:
+            raise ValueError(
+                f"metric {self.name!r} has no route onto an index of {', '.join(spaces)}"
+            )
+        return Route("rerank", other.space, other.embed, embed_query=other.embed_query)
 
     def pairwise(self, X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
         """``(m, d) x (n, d) -> (m, n)`` distances; ``Y=None`` compares ``X`` with itself."""
@@ -139,6 +208,8 @@ def describe_metrics() -> list[dict[str, Any]]:
             "symmetric": m.symmetric,
             "needs_nonnegative": m.nonnegative,
             "needs_binary": m.binary,
+            "route": m.route.kind,
+            "index_space": m.route.space,
         }
         for m in (get_metric(n) for n in metric_names())
     ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir.metrics.base import Metric, Prepared, register_metric
+from cbir.metrics.base import Metric, Prepared, Route, register_metric
+from cbir.metrics.vector import squared_l2
 
 #: Elements of the (queries x rows x words) XOR temporary per step (~32 MB of uint64).
 _CHUNK = 1 << 22
@@ -95,6 +96,11 @@ def _compare(Pq: Prepared, Pc: Prepared) -> np.ndarray:
     return hamming_counts(Pq, Pc).astype(np.float64)
 
 
+def half_signs(X: np.ndarray) -> np.ndarray:
+    """Bits as -1/2 and +1/2: the squared L2 between two rows is their Hamming distance."""
+    return check_binary(X) - 0.5
+
+
 register_metric(
     Metric(
         name="hamming",
@@ -103,5 +109,6 @@ register_metric(
         prepare=_prepare,
         compare=_compare,
         binary=True,
+        route=Route("embedded", "l2", half_signs, distance=squared_l2),
     )
 )

@@ -28,8 +28,22 @@ from collections.abc import Callable
 import numpy as np
 from scipy.special import rel_entr
 
-from cbir.metrics.base import Metric, Prepared, get_metric, metric_names, register_metric
-from cbir.metrics.vector import cdist_compare, gram, refine_near, refine_tolerance
+from cbir.metrics.base import (
+    Metric,
+    Prepared,
+    Route,
+    get_metric,
+    metric_names,
+    register_metric,
+)
+from cbir.metrics.vector import (
+    as_reported,
+    cdist_compare,
+    gram,
+    refine_near,
+    refine_tolerance,
+    root_l2,
+)
 
 #: Smoothing for kl and jeffrey: p' = (p + KL_EPS) / (1 + d * KL_EPS).
 KL_EPS = 1e-6
@@ -288,6 +302,67 @@ def _clipped(compare: Compare, top: float) -> Compare:
     return clipped
 
 
+# -- routes onto an index (see cbir.metrics.base.Route) ------------------------------------------
+# Every embedding reads rows as these metrics do: L1-normalised, an empty row as uniform.
+def root_histograms(X: np.ndarray) -> np.ndarray:
+    """sqrt(p): L2 between these is sqrt(2) x Hellinger, their product the Bhattacharyya
+    coefficient (and good candidates for the other histogram metrics)."""
+    return np.sqrt(histograms(X, "hellinger"))
+
+
+def _normalised(X: np.ndarray) -> np.ndarray:
+    return histograms(X, "intersection")
+
+
+def _cumulative(X: np.ndarray) -> np.ndarray:
+    return _prepare_cumulative("emd")(X)
+
+
+def _hellinger_from_l2(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.clip(scores / 2.0, 0.0, 1.0))
+
+
+def _bhattacharyya_from_ip(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    return np.maximum(-np.log(np.clip(scores, BC_MIN, 1.0)), 0.0)
+
+
+def _half_l1(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    return np.clip(scores / 2.0, 0.0, 1.0)
+
+
+def _at_most_one(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    return np.clip(scores, 0.0, 1.0)
+
+
+# KL(p||q) = sum p' ln p' - sum p' ln q': for a given query only the product p'.ln q' varies, so
+# the divergence ranks exactly as an inner product of p' (query side) with ln q' (database side).
+# Jeffrey's divergence splits the same way with three blocks: p'.ln q' + ln p'.q' - q'.ln q'.
+def _kl_database(X: np.ndarray) -> np.ndarray:
+    return np.log(_smoothed(histograms(X, "kl")))
+
+
+def _kl_query(X: np.ndarray) -> np.ndarray:
+    return _smoothed(histograms(X, "kl"))
+
+
+def _jeffrey_database(X: np.ndarray) -> np.ndarray:
+    Q = _smoothed(histograms(X, "jeffrey"))
+    logs = np.log(Q)
+    return np.hstack([logs, Q, -np.einsum("ij,ij->i", Q, logs)[:, None]])
+
+
+def _jeffrey_query(X: np.ndarray) -> np.ndarray:
+    P = _smoothed(histograms(X, "jeffrey"))
+    return np.hstack([P, np.log(P), np.ones((len(P), 1))])
+
+
+def _divergence_from_ip(scores: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``sum p' ln p' - score``: the divergence from the inner product of its embedding."""
+    P = _smoothed(histograms(queries, "kl"))
+    entropy_term = np.einsum("ij,ij->i", P, np.log(P))
+    return np.maximum(entropy_term[:, None] - scores, 0.0)
+
+
 register_metric(
     Metric(
         name="chi2",
@@ -298,6 +373,7 @@ register_metric(
         compare=_chi2,
         aliases=("chi_square", "chisquare"),
         nonnegative=True,
+        route=Route("rerank", "l2", embed=root_histograms),
     )
 )
 register_metric(
@@ -311,6 +387,9 @@ register_metric(
         symmetric=False,
         aliases=("kullback_leibler", "kl_divergence"),
         nonnegative=True,
+        route=Route(
+            "embedded", "ip", _kl_database, embed_query=_kl_query, distance=_divergence_from_ip
+        ),
     )
 )
 register_metric(
@@ -322,6 +401,13 @@ register_metric(
         compare=_jeffrey,
         aliases=("jeffreys", "j_divergence"),
         nonnegative=True,
+        route=Route(
+            "embedded",
+            "ip",
+            _jeffrey_database,
+            embed_query=_jeffrey_query,
+            distance=_divergence_from_ip,
+        ),
     )
 )
 register_metric(
@@ -334,6 +420,9 @@ register_metric(
         compare=_js,
         aliases=("jensenshannon", "jensen_shannon"),
         nonnegative=True,
+        # FAISS's own Jensen-Shannon gives NaN on empty bins; Hellinger's embedding finds the
+        # candidates instead
+        route=Route("rerank", "l2", embed=root_histograms),
     )
 )
 register_metric(
@@ -344,6 +433,7 @@ register_metric(
         prepare=_prepare_root("bhattacharyya"),
         compare=_bhattacharyya,
         nonnegative=True,
+        route=Route("embedded", "ip", root_histograms, distance=_bhattacharyya_from_ip),
     )
 )
 register_metric(
@@ -354,6 +444,7 @@ register_metric(
         prepare=_prepare_root("hellinger"),
         compare=_hellinger,
         nonnegative=True,
+        route=Route("embedded", "l2", root_histograms, distance=_hellinger_from_l2),
     )
 )
 register_metric(
@@ -365,6 +456,7 @@ register_metric(
         compare=_clipped(cdist_compare("cityblock", 0.5), 1.0),
         aliases=("histogram_intersection",),
         nonnegative=True,
+        route=Route("embedded", "l1", _normalised, distance=_half_l1, fallback="hellinger"),
     )
 )
 register_metric(
@@ -376,6 +468,7 @@ register_metric(
         compare=cdist_compare("cityblock"),
         aliases=("wasserstein", "earth_movers"),
         nonnegative=True,
+        route=Route("embedded", "l1", _cumulative, distance=as_reported, fallback="cramer"),
     )
 )
 register_metric(
@@ -386,6 +479,7 @@ register_metric(
         prepare=_prepare_cumulative("cramer"),
         compare=cdist_compare("euclidean"),
         nonnegative=True,
+        route=Route("embedded", "l2", _cumulative, distance=root_l2),
     )
 )
 register_metric(
@@ -398,5 +492,6 @@ register_metric(
         compare=_clipped(cdist_compare("chebyshev"), 1.0),
         aliases=("kolmogorov_smirnov",),
         nonnegative=True,
+        route=Route("embedded", "linf", _cumulative, distance=_at_most_one, fallback="cramer"),
     )
 )

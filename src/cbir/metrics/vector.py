@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from cbir.metrics.base import Metric, Prepared, register_metric
+from cbir.metrics.base import Metric, Prepared, Route, register_metric
 
 #: float32 rows with larger magnitudes are kept in float64: products could overflow float32.
 FLOAT32_SAFE_MAX = 1e15
@@ -190,6 +190,36 @@ def cdist_compare(kind: str, factor: float = 1.0) -> Callable[[Prepared, Prepare
     return compare
 
 
+# -- routes onto an index (see cbir.metrics.base.Route) ------------------------------------------
+def squared_l2(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    """An index's squared L2, which rounding can push below 0."""
+    return np.maximum(scores, 0.0)
+
+
+def root_l2(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    """L2 from an index's squared L2."""
+    return np.sqrt(np.maximum(scores, 0.0))
+
+
+def as_reported(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    """The index's own distance is the metric's."""
+    return scores
+
+
+def one_minus(scores: np.ndarray, _queries: np.ndarray) -> np.ndarray:
+    """``1 - u.v`` of unit rows, in [0, 2]."""
+    return np.clip(1.0 - scores, 0.0, 2.0)
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float64); a zero row stays zero."""
+    return np.asarray(_unit_rows(X, center=False)[0], dtype=np.float64)
+
+
+def _centred_unit_rows(X: np.ndarray) -> np.ndarray:
+    return np.asarray(_unit_rows(X, center=True)[0], dtype=np.float64)
+
+
 register_metric(
     Metric(
         name="euclidean",
@@ -198,6 +228,7 @@ register_metric(
         prepare=prepare_sq_euclidean,
         compare=_euclidean,
         aliases=("l2",),
+        route=Route("native", "l2", distance=root_l2),
     )
 )
 register_metric(
@@ -208,6 +239,7 @@ register_metric(
         prepare=prepare_sq_euclidean,
         compare=sq_euclidean,
         aliases=("squared_euclidean",),
+        route=Route("native", "l2", distance=squared_l2),
     )
 )
 register_metric(
@@ -218,6 +250,7 @@ register_metric(
         prepare=_prepare_f64,
         compare=cdist_compare("cityblock"),
         aliases=("cityblock", "l1"),
+        route=Route("native", "l1", distance=as_reported),
     )
 )
 register_metric(
@@ -228,6 +261,7 @@ register_metric(
         prepare=_prepare_f64,
         compare=cdist_compare("chebyshev"),
         aliases=("linf",),
+        route=Route("native", "linf", distance=as_reported),
     )
 )
 register_metric(
@@ -238,6 +272,7 @@ register_metric(
         formula="1 - x.y / (||x|| ||y||)",
         prepare=_prepare_cosine,
         compare=_angular,
+        route=Route("embedded", "ip", embed=unit_rows, distance=one_minus),
     )
 )
 register_metric(
@@ -249,6 +284,7 @@ register_metric(
         prepare=_prepare_correlation,
         compare=_angular,
         aliases=("pearson",),
+        route=Route("embedded", "ip", embed=_centred_unit_rows, distance=one_minus),
     )
 )
 register_metric(
@@ -258,5 +294,7 @@ register_metric(
         formula="sum_i |x_i - y_i| / (|x_i| + |y_i|), with 0/0 = 0",
         prepare=_prepare_canberra,
         compare=cdist_compare("canberra"),
+        # FAISS's own Canberra gives NaN for 0/0 terms; L1 finds the candidates instead
+        route=Route("rerank", "l1"),
     )
 )

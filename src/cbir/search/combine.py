@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from cbir.errors import InvalidRequestError
-from cbir.index.base import MISSING
+from cbir.index.base import MISSING, SearchParams
 
 COMBINE_MODES = ("mean", "min", "rrf")
 RRF_K = 60
@@ -42,7 +42,12 @@ class Searchable(Protocol):
     """What ranking needs of an index: the search of ``cbir.index.VectorIndex``."""
 
     def search(
-        self, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        exclude: np.ndarray | None = None,
+        params: SearchParams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -54,6 +59,7 @@ def ranked_ids(
     combine: str = "mean",
     exclude: np.ndarray | None = None,
     rrf_depth: int = RRF_DEPTH,
+    params: SearchParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ranked list ``(ids, scores)`` for a query set (scores: distances, or RRF scores)."""
     if combine not in COMBINE_MODES:
@@ -65,12 +71,12 @@ def ranked_ids(
         raise InvalidRequestError("no query vectors")
     if combine == "mean" or len(queries) == 1:
         center = queries.astype(np.float64).mean(axis=0, keepdims=True)
-        d, i = index.search(center, k, exclude=exclude)
+        d, i = index.search(center, k, exclude=exclude, params=params)
         found = i[0] != MISSING
         return i[0][found], d[0][found]
     if combine == "min":
-        return merge_min(*index.search(queries, k, exclude=exclude), k)
-    _, i = index.search(queries, max(k, rrf_depth), exclude=exclude)
+        return merge_min(*index.search(queries, k, exclude=exclude, params=params), k)
+    _, i = index.search(queries, max(k, rrf_depth), exclude=exclude, params=params)
     return rrf_fuse(i, k)
 
 

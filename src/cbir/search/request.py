@@ -7,9 +7,10 @@ gave; whatever is wrong is named with what is allowed, before any work is done.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cbir.errors import InvalidRequestError
+from cbir.index.base import SearchParams
 from cbir.search.combine import COMBINE_MODES
 
 #: The most results a query expansion may average (more only dilutes the query).
@@ -26,6 +27,10 @@ class SearchRequest:
     combine: str = "mean"
     exclude_queries: bool = False
     expand: int = 0
+    #: Exact search whatever index the collection uses.
+    exact: bool = False
+    #: Per-query settings of approximate indexes (HNSW ``ef``, IVF ``nprobe``, ``rerank``).
+    params: SearchParams = field(default_factory=SearchParams)
 
     def __post_init__(self) -> None:
         if not _is_int(self.k) or self.k < 1:
@@ -57,6 +62,10 @@ class SearchRequest:
         combine: str = "mean",
         exclude_queries: bool = False,
         expand: int = 0,
+        exact: bool = False,
+        ef: int | None = None,
+        nprobe: int | None = None,
+        rerank: int | None = None,
     ) -> SearchRequest:
         """From a user's arguments: a descriptor or a list of them (late fusion), and one
         metric for all, or one per descriptor."""
@@ -73,6 +82,8 @@ class SearchRequest:
             combine=combine,
             exclude_queries=bool(exclude_queries),
             expand=expand,
+            exact=bool(exact),
+            params=SearchParams(ef=ef, nprobe=nprobe, rerank=rerank),
         )
 
     @property

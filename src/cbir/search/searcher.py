@@ -49,16 +49,28 @@ class Searcher:
         for record, metric in zip(records, metrics, strict=True):
             vectors, query_ids = self.query_vectors(query, record)
             n_queries = len(vectors)
-            index = self.indexes.index(record, metric)
+            index = self.indexes.index(record, metric, exact=request.exact)
             kinds.append(index.kind)
             exclude = np.asarray(query_ids, np.int64) if request.exclude_queries else None
             if request.expand:
                 top, _ = ranked_ids(
-                    index, vectors, request.expand, combine=request.combine, exclude=exclude
+                    index,
+                    vectors,
+                    request.expand,
+                    combine=request.combine,
+                    exclude=exclude,
+                    params=request.params,
                 )
                 vectors = expand_query(vectors, self.store.vectors_for(record.id, top.tolist()))
             rankings.append(
-                ranked_ids(index, vectors, depth, combine=request.combine, exclude=exclude)
+                ranked_ids(
+                    index,
+                    vectors,
+                    depth,
+                    combine=request.combine,
+                    exclude=exclude,
+                    params=request.params,
+                )
             )
         if len(rankings) == 1:
             ids, scores = rankings[0]

@@ -1,0 +1,166 @@
+"""Approximate indexes behind a collection: every metric's route, ``auto``, saved indexes kept in
+step with the change feed, and per-query settings.
+
+The index contract itself (exact answers with exhaustive settings, updates, save / load) runs
+over every kind in ``tests/test_index.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir import Collection
+from cbir.config import Settings
+from cbir.errors import InvalidRequestError
+from cbir.index import SearchParams, create_index
+from cbir.index.manager import choose_kind
+from cbir.metrics import get_metric, metric_names
+from tests.conftest import write_colour_set
+
+SPACE_DISTANCES = {
+    "l2": lambda Q, X: ((Q[:, None, :] - X[None]) ** 2).sum(-1),
+    "ip": lambda Q, X: Q @ X.T,
+    "l1": lambda Q, X: np.abs(Q[:, None, :] - X[None]).sum(-1),
+    "linf": lambda Q, X: np.abs(Q[:, None, :] - X[None]).max(-1),
+}
+
+
+@pytest.fixture(scope="module")
+def histograms():
+    """Clustered histograms with empty bins (and one empty histogram), as colour descriptors."""
+    rng = np.random.default_rng(3)
+    centres = rng.dirichlet(np.full(32, 0.3), size=12)
+    X = np.vstack([rng.dirichlet(c * 150 + 0.01, size=60) for c in centres])
+    X[X < 0.005] = 0
+    X[7] = 0
+    Q = np.vstack([rng.dirichlet(c * 150 + 0.01, size=2) for c in centres])
+    return X, Q
+
+
+@pytest.mark.parametrize("metric", metric_names())
+def test_every_route_embedding_gives_the_metric_or_only_candidates(metric, histograms):
+    """A native or embedded route must give back the metric's distances from the index's own
+    scores: then the index ranks exactly as the metric does."""
+    X, Q = histograms
+    m = get_metric(metric)
+    if m.binary:
+        X, Q = (X > 0.03).astype(float), (Q > 0.03).astype(float)
+    route = m.route
+    scores = SPACE_DISTANCES[route.space](route.queries(Q), route.embed(X))
+    if route.kind == "rerank":
+        assert route.distance is None
+        return
+    np.testing.assert_allclose(route.distance(scores, Q), m.pairwise(Q, X), atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["kl", "jeffrey", "chi2", "js", "intersection", "canberra"])
+def test_hnsw_finds_the_true_neighbours_of_hard_metrics(metric, histograms):
+    """The candidate and inner-product routes on a graph: recall@10 against exact search."""
+    X, Q = histograms
+    ids = np.arange(len(X))
+    exact = create_index("exact", metric=metric, dim=X.shape[1])
+    exact.add(ids, X)
+    hnsw = create_index("hnsw", metric=metric, dim=X.shape[1])
+    hnsw.add(ids, X)
+    _, want = exact.search(Q, 10)
+    D, got = hnsw.search(Q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
+    assert recall >= 0.95
+    full = get_metric(metric).pairwise(Q, X)  # the scores are the metric's own
+    np.testing.assert_allclose(D, np.take_along_axis(full, got, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_lossy_index_routes_l1_metrics_through_their_fallback(histograms):
+    X, Q = histograms
+    index = create_index("ivf-pq", metric="intersection", dim=X.shape[1], nprobe=64, rerank=50)
+    assert index.route.space == "l2" and index.needs_rerank  # PQ has no L1: Hellinger's route
+    index.add(np.arange(len(X)), X)
+    D, ids = index.search(Q, 5)
+    full = get_metric("intersection").pairwise(Q, X)
+    np.testing.assert_allclose(D, np.take_along_axis(full, ids, axis=1), atol=1e-9)
+    np.testing.assert_allclose(D, np.sort(full, axis=1)[:, :5], atol=1e-9)
+
+
+def test_auto_is_exact_below_its_threshold_and_compact_past_the_memory_budget():
+    s = Settings(index="auto", auto_threshold=1000, memory_budget=1 << 20)
+    assert choose_kind(s, 999, 64) == "exact"
+    assert choose_kind(s, 1000, 64) == "hnsw"  # 1000 x 64 floats, twice, fit in 1 MiB
+    assert choose_kind(s, 10_000, 64) == "ivf-pq"
+    assert choose_kind(Settings(index="sq8"), 5, 64) == "sq8"
+    with pytest.raises(InvalidRequestError, match=r"unknown index 'nope'; choose auto or.*hnsw"):
+        choose_kind(Settings(index="nope"), 5, 64)
+
+
+def test_search_settings_are_checked():
+    with pytest.raises(InvalidRequestError, match="ef must be a positive integer"):
+        SearchParams(ef=0)
+    with pytest.raises(InvalidRequestError, match="rerank must be a positive integer"):
+        SearchParams(rerank=-3)
+
+
+@pytest.fixture
+def colours(tmp_path):
+    root = tmp_path / "images"
+    write_colour_set(root, per_class=12)
+    return root
+
+
+def _settings(tmp_path, **kw) -> Settings:
+    return Settings(collection=tmp_path / "col", workers=1, index="auto", auto_threshold=10, **kw)
+
+
+@pytest.mark.parametrize("metric", ["chi2", "kl", "euclidean", "intersection", "hellinger"])
+def test_a_collection_past_the_threshold_answers_as_exact_search(tmp_path, colours, metric):
+    with Collection(tmp_path / "col", settings=_settings(tmp_path), create=True) as col:
+        col.add(colours, descriptors=["color-hist"], labels="folder")
+        query = sorted((colours / "red").iterdir())[0]
+        fast = col.search(query, k=10, metric=metric)
+        exact = col.search(query, k=10, metric=metric, exact=True)
+        assert fast.indexes == ("hnsw",) and exact.indexes == ("exact",)
+        assert [h.id for h in fast] == [h.id for h in exact]
+        np.testing.assert_allclose(
+            [h.score for h in fast], [h.score for h in exact], rtol=1e-5, atol=1e-6
+        )
+        assert col.search(query, k=3, metric=metric, ef=8, rerank=2).hits  # per query
+
+
+def test_the_index_is_saved_reloaded_and_kept_in_step(tmp_path, colours, monkeypatch):
+    from cbir.index.manager import IndexManager
+
+    settings = _settings(tmp_path)
+    with Collection(tmp_path / "col", settings=settings, create=True) as col:
+        col.add(colours / "red", descriptors=["color-hist"], labels="folder")
+        col.add(colours / "blue", labels="folder")
+        query = sorted((colours / "red").iterdir())[0]
+        col.search(query, k=3)
+    saved = sorted(p.name for p in (tmp_path / "col" / "indexes").iterdir())
+    assert saved == ["1-hellinger-hnsw.json", "1-hellinger-hnsw.npz"]  # color-hist's metric
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the saved index should have been used")
+
+    with Collection(tmp_path / "col", settings=settings) as reader:
+        monkeypatch.setattr(IndexManager, "_build_approximate", no_build)
+        assert len(reader.search(query, k=50)) == 24
+        with Collection(tmp_path / "col", settings=settings) as writer:  # another process
+            writer.add(colours / "green", labels="folder")
+        # the reader catches its index up through the change feed, without a rebuild
+        result = reader.search(sorted((colours / "green").iterdir())[0], k=12)
+        assert {Path(h.path).parent.name for h in result} == {"green"}
+        monkeypatch.undo()
+
+
+def test_a_corrupt_saved_index_is_rebuilt(tmp_path, colours):
+    settings = _settings(tmp_path)
+    with Collection(tmp_path / "col", settings=settings, create=True) as col:
+        col.add(colours, descriptors=["color-hist"], labels="folder")
+        query = sorted((colours / "red").iterdir())[0]
+        want = [h.id for h in col.search(query, k=5)]
+    index_file = tmp_path / "col" / "indexes" / "1-hellinger-hnsw.npz"
+    index_file.write_bytes(b"not an index")
+    with Collection(tmp_path / "col", settings=settings) as col:
+        assert [h.id for h in col.search(query, k=5)] == want
+    assert index_file.stat().st_size > 1000  # written again
