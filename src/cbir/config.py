@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cbir.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -70,6 +71,9 @@ class Settings:
     #: below ``auto_threshold`` images, an approximate index above (see cbir.index.manager).
     index: str = "auto"
     auto_threshold: int = 50_000
+    #: Parameters of the index kind (e.g. ``{"M": 48}`` for hnsw, ``{"uri": ...}`` for a
+    #: server), given to ``create_index`` as they are.
+    index_params: Mapping[str, Any] = field(default_factory=dict)
     default_descriptors: tuple[str, ...] = field(default_factory=default_descriptors)
 
     @classmethod

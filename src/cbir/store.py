@@ -692,13 +692,13 @@ class Store:
     def records(self, image_ids: Sequence[int] | np.ndarray) -> list[ImageRecord]:
         """Catalogue rows of ``image_ids``, in that order (a KeyError names a missing id)."""
         ids = [int(i) for i in image_ids]
-        found = {
-            r[0]: ImageRecord(*r)
-            for r in self._conn().execute(
-                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(ids),),
-            )
-        }
+        cursor = self._conn().cursor()
+        cursor.row_factory = None  # plain tuples: this runs for the hits of every search
+        rows = cursor.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        found = {r[0]: ImageRecord(*r) for r in rows}
         return [found[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:

@@ -78,6 +78,7 @@ LOSSY_SPACES = ("l2", "ip")
 _LOSSY = re.compile(r"PQ|SQ|LSH|PCA|OPQ|RR|ITQ|RQ|LSQ")
 
 VectorSource = Callable[[np.ndarray], np.ndarray]
+_DEFAULT_PARAMS = SearchParams()
 
 
 def import_faiss() -> Any:
@@ -101,7 +102,8 @@ class FaissIndex:
     """A FAISS index built from a factory string over a metric's route embedding.
 
     ``rerank``: candidates per result re-ranked exactly (where needed); ``source``: reads the
-    full vectors of ids for that re-rank (None: the index keeps a copy of them).
+    full vectors of ids for that re-rank (None: the index keeps a copy of them); ``label``: the
+    name a server-held index would use (unused here).
     """
 
     kind: ClassVar[str] = "faiss"
@@ -117,7 +119,9 @@ class FaissIndex:
         ef_search: int = DEFAULT_EF_SEARCH,
         nprobe: int = DEFAULT_NPROBE,
         source: VectorSource | None = None,
+        label: str | None = None,
     ) -> None:
+        del label  # the index lives in this process: it needs no name
         self.metric = get_metric(metric)
         self.dim = dim
         self.factory = str(factory)
@@ -136,14 +140,16 @@ class FaissIndex:
         self._radius2 = 0.0
         self._outgrown = False  # a row came past the radius: rebuild
         self._index: Any = None  # made at the first add (trained kinds need the vectors)
+        self._layout_of: tuple[Any, tuple[str, bool, int]] | None = None
         self._trained_on = 0
         self._labels = np.empty(0, np.int64)  # FAISS row -> cbir id
         self._alive = np.empty(0, bool)
+        self._count = 0  # live rows (kept, not summed per search)
         self._raw: np.ndarray | None = None  # full vectors by row, when no source reads them
 
     # -- what it holds -------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self._alive.sum())
+        return self._count
 
     @property
     def needs_rerank(self) -> bool:
@@ -241,6 +247,7 @@ class FaissIndex:
         self._index.add(self._padded(embedded))
         self._labels = np.concatenate([self._labels, ids])
         self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
+        self._count += len(ids)
         if self.needs_rerank and self.source is None:
             rows = np.asarray(vectors, np.float32)
             self._raw = rows if self._raw is None else np.concatenate([self._raw, rows])
@@ -255,6 +262,8 @@ class FaissIndex:
         if hit.any():
             alive = self._alive.copy()  # a search in another thread keeps the mask it took
             alive[hit] = False
+            # the count first: a search that sees it short of the mask's length filters
+            self._count -= int(hit.sum())
             self._alive = alive
         return int(hit.sum())
 
@@ -268,7 +277,7 @@ class FaissIndex:
         params: SearchParams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         Q = check_query(queries, k, self.dim)
-        params = params or SearchParams()
+        params = params or _DEFAULT_PARAMS
         k = min(k, len(self))
         m = len(Q)
         if k == 0 or self._index is None:
@@ -285,8 +294,9 @@ class FaissIndex:
         S = S.astype(np.float64)
         if self._mips:  # back from L2 to the inner product
             S = (np.einsum("ij,ij->i", embedded, embedded)[:, None] + self._radius2 - S) / 2
+        # FAISS returns each row best first and the conversion keeps the order
         D = np.where(found, self.route.distance(S, Q), np.inf)
-        return _sorted(D, ids, k)
+        return D, ids
 
     def _faiss_search(
         self,
@@ -303,19 +313,17 @@ class FaissIndex:
             keep = alive & ~np.isin(labels, np.asarray(exclude, np.int64))
         kwargs: dict[str, Any] = {}
         bits = None
-        if not keep.all():
+        if keep is not alive or self._count < len(alive):  # rows to skip
             bits = np.packbits(keep, bitorder="little")  # held until the search returns
             kwargs["sel"] = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bits))
-        outer = faiss.downcast_index(self._index)
-        wrapped = isinstance(outer, faiss.IndexPreTransform)
-        inner = faiss.downcast_index(outer.index) if wrapped else outer
-        if hasattr(inner, "hnsw"):
+        family, wrapped, nlist = self._layout()
+        if family == "hnsw":
             search_params = faiss.SearchParametersHNSW(
                 efSearch=max(params.ef or self.ef_search, k), **kwargs
             )
-        elif hasattr(inner, "nprobe"):
+        elif family == "ivf":
             search_params = faiss.SearchParametersIVF(
-                nprobe=min(params.nprobe or self.nprobe, inner.nlist), **kwargs
+                nprobe=min(params.nprobe or self.nprobe, nlist), **kwargs
             )
         else:
             search_params = faiss.SearchParameters(**kwargs) if kwargs else None
@@ -324,6 +332,24 @@ class FaissIndex:
         S, rows = self._index.search(embedded, k, params=search_params)
         del bits
         return S, rows
+
+    def _layout(self) -> tuple[str, bool, int]:
+        """What takes the search parameters: "hnsw", "ivf" (with its list count) or "flat",
+        and whether it sits under a pre-transform (PCA, OPQ); found once per FAISS index."""
+        if self._layout_of is not None and self._layout_of[0] is self._index:
+            return self._layout_of[1]
+        faiss = import_faiss()
+        outer = faiss.downcast_index(self._index)
+        wrapped = isinstance(outer, faiss.IndexPreTransform)
+        inner = faiss.downcast_index(outer.index) if wrapped else outer
+        if hasattr(inner, "hnsw"):
+            layout = ("hnsw", wrapped, 0)
+        elif hasattr(inner, "nprobe"):
+            layout = ("ivf", wrapped, int(inner.nlist))
+        else:
+            layout = ("flat", wrapped, 0)
+        self._layout_of = (self._index, layout)
+        return layout
 
     def _reranked(self, Q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The candidates ``ids`` of each query ranked by the true metric; best ``k`` kept."""
@@ -386,6 +412,7 @@ class FaissIndex:
                 blob = data["faiss"]
                 index._labels = data["labels"].astype(np.int64)
                 index._alive = data["alive"].astype(bool)
+                index._count = int(index._alive.sum())
                 index._raw = data["raw"] if "raw" in data.files else None
                 index._radius2, outgrown = (float(v) for v in data["radius2"])
                 index._outgrown = bool(outgrown)

@@ -25,11 +25,12 @@ rebuilt, never trusted. Updated indexes are saved again when the collection is c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -116,6 +117,7 @@ SearchIndex = VectorIndex | SegmentScan
 class _Entry:
     index: SearchIndex
     generation: int
+    kind: str
     saved: int = -1  # the generation of the saved copy (-1: none)
 
 
@@ -125,7 +127,7 @@ class IndexManager:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self._entries: dict[tuple[int, str, str], _Entry] = {}
+        self._entries: dict[tuple[int, str, bool], _Entry] = {}
         self._lock = threading.Lock()
 
     def index(
@@ -134,15 +136,17 @@ class IndexManager:
         """The index of a descriptor under a metric, up to date with the store; ``exact``
         asks for exact search whatever the settings choose."""
         m = get_metric(metric)
-        kind = "exact" if exact else choose_kind(
-            self.settings, self.store.vector_count(record.id), record.dim
-        )
-        key = (record.id, m.name, kind)
+        key = (record.id, m.name, exact)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.index.dim != record.dim:
-                entry = None  # a refit changed the vector length (e.g. cnnp's classes)
             generation = self.store.generation(record.id)
+            current = entry is not None and entry.generation == generation
+            if current and entry.index.dim == record.dim:
+                return entry.index  # nothing changed: the one query above is all it costs
+            n = self.store.vector_count(record.id)
+            kind = "exact" if exact else choose_kind(self.settings, n, record.dim)
+            if entry is not None and (entry.kind != kind or entry.index.dim != record.dim):
+                entry = None  # grown past the threshold, or a refit changed the vector length
             if entry is None and kind != "exact":
                 entry = self._load_saved(record, m, kind)
             if entry is not None and entry.generation != generation:
@@ -157,12 +161,12 @@ class IndexManager:
     def close(self) -> None:
         """Save the approximate indexes updated since they were saved (or built)."""
         with self._lock:
-            for (descriptor_id, metric, kind), entry in self._entries.items():
+            for (descriptor_id, metric, _), entry in self._entries.items():
                 if isinstance(entry.index, SegmentScan) or entry.saved == entry.generation:
                     continue
-                if kind != "exact":
+                if entry.kind != "exact":
                     with contextlib.suppress(OSError):  # a read-only collection keeps none
-                        self._save(descriptor_id, metric, kind, entry.index, entry)
+                        self._save(descriptor_id, metric, entry.kind, entry.index, entry)
 
     # -- building ------------------------------------------------------------------------------
     def _build(self, record: DescriptorRecord, metric: Metric, kind: str) -> _Entry:
@@ -174,23 +178,30 @@ class IndexManager:
         n = self.store.vector_count(record.id)
         if n * record.dim * VALUE_BYTES * BUILD_COPIES > self.settings.memory_budget:
             scan_ = SegmentScan(self.store, record, metric, self.settings.block_rows)
-            return _Entry(scan_, generation)
+            return _Entry(scan_, generation, kind)
         index = create_index(
             "exact", metric=metric, dim=record.dim, block_rows=self.settings.block_rows
         )
         index.add(*self.store.load_vectors(record.id))
-        return _Entry(index, generation)
+        return _Entry(index, generation, kind)
 
     def _build_approximate(
         self, record: DescriptorRecord, metric: Metric, kind: str, generation: int
     ) -> _Entry:
-        index: Any = create_index(kind, metric=metric, dim=record.dim, source=self._source(record))
+        index: Any = create_index(
+            kind,
+            metric=metric,
+            dim=record.dim,
+            source=self._source(record),
+            label=self._label(record, metric),
+            **self.settings.index_params,
+        )
         n = self.store.vector_count(record.id)
         if n:
             index.train(self._sample(record, n), expected=n)
             for ids, block in self.store.iter_vector_blocks(record.id, self.settings.block_rows):
                 index.add(ids, block)
-        entry = _Entry(index, generation)
+        entry = _Entry(index, generation, kind)
         with contextlib.suppress(OSError):
             self._save(record.id, metric.name, kind, index, entry)
         return entry
@@ -202,6 +213,12 @@ class IndexManager:
         for _, block in self.store.iter_vector_blocks(record.id, self.settings.block_rows):
             rows.append(block[::step])
         return np.concatenate(rows)[:TRAIN_SAMPLE]
+
+    def _label(self, record: DescriptorRecord, metric: Metric) -> str:
+        """A name for the index unique to this collection, descriptor and metric (an index
+        that lives in a server is stored under it)."""
+        where = hashlib.sha1(str(self.store.root.resolve()).encode()).hexdigest()[:12]
+        return f"cbir_{where}_{record.id}_{metric.name}"
 
     def _source(self, record: DescriptorRecord) -> Any:
         """Reads full vectors for an approximate index's exact re-rank."""
@@ -226,7 +243,12 @@ class IndexManager:
         index_file.parent.mkdir(exist_ok=True)
         index.save(index_file)
         tmp = record_file.with_name(f".tmp-{os.getpid()}-{record_file.name}")
-        tmp.write_text(json.dumps({"generation": entry.generation, "dim": index.dim}))
+        record = {
+            "generation": entry.generation,
+            "dim": index.dim,
+            "params": _jsonable(self.settings.index_params),  # built with these; others rebuild
+        }
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, record_file)
         entry.saved = entry.generation
 
@@ -238,17 +260,18 @@ class IndexManager:
         except (OSError, ValueError, KeyError, CorruptError):
             return None  # none, or not trustworthy: rebuilt
         fits = index.kind == kind and index.metric.name == metric.name and index.dim == record.dim
+        fits = fits and saved.get("params") == _jsonable(self.settings.index_params)
         generation = saved.get("generation")
         if not fits or not isinstance(generation, int):
             return None
         if generation > self.store.generation(record.id):
             return None  # from another life of the collection
-        return _Entry(index, generation, saved=generation)
+        return _Entry(index, generation, kind, saved=generation)
 
     def _catch_up(self, entry: _Entry, record: DescriptorRecord) -> _Entry | None:
         """Apply the changes since the entry's generation; None when it must be rebuilt."""
         if isinstance(entry.index, SegmentScan):
-            return _Entry(entry.index, self.store.generation(record.id))
+            return replace(entry, generation=self.store.generation(record.id))
         changes = self.store.changes_since(record.id, entry.generation)
         if changes.reset:
             return None
@@ -260,4 +283,9 @@ class IndexManager:
             except KeyError:  # removed again since: the log will say so; rebuild now
                 return None
             index.add(changes.added, vectors)
-        return _Entry(index, changes.generation)
+        return replace(entry, generation=changes.generation)
+
+
+def _jsonable(params: Any) -> Any:
+    """Index parameters as they read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(dict(params), default=str))
