@@ -164,3 +164,19 @@ def test_a_corrupt_saved_index_is_rebuilt(tmp_path, colours):
     with Collection(tmp_path / "col", settings=settings) as col:
         assert [h.id for h in col.search(query, k=5)] == want
     assert index_file.stat().st_size > 1000  # written again
+
+
+def test_evaluation_ranks_through_the_index_search_would_use(tmp_path):
+    """`cbir evaluate --index ...` measures the index users search with: with an approximate
+    kind forced past a low threshold, MAP stays that of exact search on a set this small."""
+    from cbir.evaluation import GridConfig, load_labelled, run_grid
+
+    write_colour_set(tmp_path / "set", per_class=10, seed=4)
+    config = GridConfig(descriptors=["color-hist"], metrics=["chi2", "euclidean"])
+    maps = {}
+    for kind in ("exact", "hnsw", "ivf-pq"):
+        settings = Settings(workers=1, index="auto" if kind == "hnsw" else kind, auto_threshold=5)
+        result = run_grid(load_labelled(tmp_path / "set"), None, config, settings=settings)
+        maps[kind] = [c.summary["MAP"] for c in result.combinations]
+    assert maps["hnsw"] == pytest.approx(maps["exact"], abs=0.005)
+    assert maps["ivf-pq"] == pytest.approx(maps["exact"], abs=0.005)

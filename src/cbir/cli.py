@@ -536,6 +536,14 @@ def evaluate(
     ] = None,
     mosaics: Annotated[int, typer.Option(help="Result mosaics to draw.")] = 5,
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="Index kind to rank with, as search uses it (default: auto)."),
+    ] = None,
+    auto_threshold: Annotated[
+        int | None,
+        typer.Option(help="Images from which auto uses an approximate index."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare descriptors and metrics on labelled images: MAP tables, curves, mosaics."""
@@ -569,7 +577,9 @@ def evaluate(
                 queries,
                 config,
                 output,
-                settings=_settings(None, workers=workers),
+                settings=_settings(
+                    None, workers=workers, index=index, auto_threshold=auto_threshold
+                ),
                 mosaics=mosaics,
                 k=k,
                 progress=progress,

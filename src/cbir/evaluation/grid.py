@@ -34,6 +34,7 @@ from cbir.extraction import Task, run_tasks
 from cbir.features import create_descriptor, metric_applies
 from cbir.holdings import derives, short_label
 from cbir.index import VectorIndex, create_index
+from cbir.index.manager import choose_kind
 from cbir.ingest import fit_on_images
 from cbir.metrics import as_matrix, get_metric, metric_names
 from cbir.search.combine import expand_each
@@ -258,19 +259,21 @@ def rank(
     self_index: np.ndarray | None = None,
     block: int = 256,
     expand: int = 0,
+    index: str = "exact",
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top ``depth`` collection indices and distances per query, and seconds per query.
 
-    Ranks through the same index and expansion code as ``Collection.search``: an exact index
-    whose ids are the collection's row numbers. ``self_index[i]`` (leave-one-out) is the
-    collection index of query ``i``, which is removed from its own ranking. Ties are broken by
-    collection index, so results are reproducible. ``expand`` > 0 ranks again with each query
+    Ranks through the same index and expansion code as ``Collection.search``: an index of kind
+    ``index`` (exact by default) whose ids are the collection's row numbers. ``self_index[i]``
+    (leave-one-out) is the collection index of query ``i``, which is removed from its own
+    ranking. Exact search breaks ties by collection index, so results are reproducible.
+    ``expand`` > 0 ranks again with each query
     averaged with its top ``expand`` results.
     """
     C = as_matrix(collection)
     n = len(C)
-    index = create_index("exact", metric=metric, dim=C.shape[1])
-    index.add(np.arange(n), C)
+    searched = create_index(index, metric=metric, dim=C.shape[1])
+    searched.add(np.arange(n), C)
     depth = min(depth, n - (1 if self_index is not None else 0))
     ranked = np.empty((len(queries), depth), dtype=np.int64)
     dists = np.empty((len(queries), depth))
@@ -279,9 +282,9 @@ def rank(
         Q = as_matrix(queries[lo : lo + block])
         own = None if self_index is None else self_index[lo : lo + block]
         if expand:  # average query expansion, vectorised over the whole block
-            near, _ = _ranking(index, Q, min(expand, depth), own)
+            near, _ = _ranking(searched, Q, min(expand, depth), own)
             Q = expand_each(Q, C[near])
-        ranked[lo : lo + block], dists[lo : lo + block] = _ranking(index, Q, depth, own)
+        ranked[lo : lo + block], dists[lo : lo + block] = _ranking(searched, Q, depth, own)
     per_query = (time.perf_counter() - started) / max(1, len(queries))
     return ranked, dists, per_query
 
@@ -354,7 +357,7 @@ def run_grid(
     for done, (spec, metric) in enumerate(plan):
         if progress is not None:
             progress(f"{short_label(spec)} / {metric}", done, len(plan))
-        combos.append(_score(spec, metric, coll, query, protocol, config))
+        combos.append(_score(spec, metric, coll, query, protocol, config, settings))
     if progress is not None:
         progress("done", len(plan), len(plan))
     return GridResult(
@@ -492,16 +495,20 @@ def _score(
     query: Features,
     protocol: _Protocol,
     config: GridConfig,
+    settings: Settings,
 ) -> Combination:
-    """Rank the evaluated queries under one descriptor and metric, and measure the rankings."""
+    """Rank the evaluated queries under one descriptor and metric, and measure the rankings
+    (through the index a collection of this size would use under ``settings``)."""
     p = protocol
+    vectors = coll.by_spec[spec][p.coll_index]
     ranked, dists, per_query = rank(
         metric,
         query.by_spec[spec][p.query_index],
-        coll.by_spec[spec][p.coll_index],
+        vectors,
         p.depth,
         self_index=p.self_pos,
         expand=config.expand,
+        index=choose_kind(settings, len(vectors), vectors.shape[1]),
     )
     rel = p.relevance.matrix(np.arange(len(p.query_index)), ranked)
     ap = average_precision(rel, p.n_relevant)
