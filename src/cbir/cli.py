@@ -132,12 +132,37 @@ def index(
     max_pixels: Annotated[
         int | None, typer.Option(help="Skip images larger than this many pixels.")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CBIR_EXECUTOR",
+            help="Where extraction runs: local (worker processes here) or ray (Ray actors on "
+            "a cluster, or on a local Ray instance; needs the ray extra).",
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="The Ray cluster to run on (implies --executor ray), e.g. ray://HOST:10001, "
+            "HOST:6379, or auto for the one 'ray start' began here (default: RAY_ADDRESS, "
+            "else a local Ray instance for this run).",
+            show_default=False,
+        ),
+    ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a folder of images to the collection (again: only new and changed files)."""
     with _user_errors():
-        col = _open(collection, create=True, workers=workers, max_pixels=max_pixels)
+        col = _open(
+            collection,
+            create=True,
+            workers=workers,
+            max_pixels=max_pixels,
+            executor=executor or ("ray" if address else None),
+            ray_address=address,
+        )
         report = _add_with_progress(
             col,
             sources,

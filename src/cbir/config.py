@@ -75,6 +75,21 @@ class Settings:
     #: server), given to ``create_index`` as they are.
     index_params: Mapping[str, Any] = field(default_factory=dict)
     default_descriptors: tuple[str, ...] = field(default_factory=default_descriptors)
+    #: Where extraction runs: "local" (worker processes here) or "ray" (a Ray cluster).
+    executor: str = "local"
+    #: The Ray cluster of the "ray" executor (None: ``RAY_ADDRESS``, else a local instance).
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        from cbir.executors import executor_names
+
+        if self.executor not in executor_names():
+            from cbir.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"unknown executor {self.executor!r} (CBIR_EXECUTOR, --executor); "
+                f"choose one of {', '.join(executor_names())}"
+            )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -88,6 +103,8 @@ class Settings:
             index=os.environ.get("CBIR_INDEX") or "auto",
             auto_threshold=_env_int("CBIR_AUTO_THRESHOLD", 50_000),
             flush_every=_env_int("CBIR_FLUSH_EVERY", 512),
+            executor=os.environ.get("CBIR_EXECUTOR") or "local",
+            ray_address=os.environ.get("CBIR_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -485,21 +485,27 @@ class _PoolRun:
             )
 
     def _blame(self, task: Task) -> None:
-        update = ImageUpdate(
-            path=task.path,
-            size=None,
-            mtime_ns=None,
-            sha256=None,
-            status="skipped",
-            reason=CRASH_REASON,
-            label=task.label,
-        )
-        if task.array is None:
-            with contextlib.suppress(OSError):  # its size and time: not retried until it changes
-                st = os.stat(task.path)
-                update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
-        self.on_result(update)
+        self.on_result(crashed(task))
         self.undelivered -= 1
+
+
+def crashed(task: Task) -> ImageUpdate:
+    """The result of a file that killed its worker on its own: skipped with
+    :data:`CRASH_REASON`, with its size and time, so it is not retried until it changes."""
+    update = ImageUpdate(
+        path=task.path,
+        size=None,
+        mtime_ns=None,
+        sha256=None,
+        status="skipped",
+        reason=CRASH_REASON,
+        label=task.label,
+    )
+    if task.array is None:
+        with contextlib.suppress(OSError):
+            st = os.stat(task.path)
+            update.size, update.mtime_ns = st.st_size, st.st_mtime_ns
+    return update
 
 
 def extract_arrays(

@@ -22,7 +22,8 @@ import numpy as np
 from cbir import holdings, images
 from cbir.config import Settings
 from cbir.errors import InvalidRequestError, NotFoundError
-from cbir.extraction import Task, extract_arrays, run_tasks
+from cbir.executors import executor_for
+from cbir.extraction import Task, extract_arrays
 from cbir.features import Descriptor, create_descriptor
 from cbir.store import DescriptorRecord, ImageUpdate, Store
 
@@ -237,7 +238,7 @@ class Ingest:
         if run.progress is not None:
             run.progress(0, len(tasks))
         try:
-            finished = run_tasks(
+            finished = executor_for(self.settings)(
                 tasks,
                 workers=self.settings.worker_count,
                 limits=self.settings.limits,
