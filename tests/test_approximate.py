@@ -7,6 +7,7 @@ over every kind in ``tests/test_index.py``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,39 @@ def test_evaluation_ranks_through_the_index_search_would_use(tmp_path):
         maps[kind] = [c.summary["MAP"] for c in result.combinations]
     assert maps["hnsw"] == pytest.approx(maps["exact"], abs=0.005)
     assert maps["ivf-pq"] == pytest.approx(maps["exact"], abs=0.005)
+
+
+def test_cbir_index_builds_the_index_it_is_told_to_with_its_parameters(tmp_path, colours):
+    """`cbir index --index hnsw --index-param M=8` leaves a saved HNSW index that the next
+    search uses as it is; a malformed parameter is refused before any work."""
+    from typer.testing import CliRunner
+
+    from cbir.cli import app
+
+    runner = CliRunner()
+    env = {"CBIR_WORKERS": "1", "CBIR_COLLECTION": str(tmp_path / "col")}
+    args = ["index", str(colours), "-d", "color-hist", "--index", "hnsw", "--index-param", "M=8"]
+    result = runner.invoke(app, [*args, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    built = json.loads(result.output)["indexes"]
+    assert built == [
+        {"descriptor": "color-hist", "metric": "hellinger", "kind": "hnsw", "vectors": 48}
+    ]
+    record = json.loads((tmp_path / "col" / "indexes" / "1-hellinger-hnsw.json").read_text())
+    assert record["params"] == {"M": 8}
+    bad = runner.invoke(app, ["index", str(colours), "--index-param", "M"], env=env)
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def test_a_collection_names_its_indexes_by_its_identity_not_its_path(tmp_path, colours):
+    """A server-held index is found again when the collection is opened by another path (a
+    symlink, a moved disk), and two collections never share one."""
+    from cbir.store import Store
+
+    with Collection(tmp_path / "a", settings=_settings(tmp_path), create=True) as col:
+        col.add(colours / "red", descriptors=["color-hist"])
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    first, again = Store(tmp_path / "a"), Store(tmp_path / "link")
+    other = Store(tmp_path / "b", create=True)
+    assert first.uuid == again.uuid != other.uuid
+    assert len(first.uuid) == 32

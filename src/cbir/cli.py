@@ -52,6 +52,30 @@ CollectionOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+IndexOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Index kind: auto (exact below a size, approximate above), exact, flat, hnsw, "
+        "hnsw-sq, sq8, ivf-flat, ivf-pq, faiss, milvus (default: auto, or CBIR_INDEX).",
+        show_default=False,
+    ),
+]
+IndexParamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--index-param",
+        help="A parameter of the index kind as KEY=VALUE, e.g. M=48 or nlist=4096 (repeatable).",
+        show_default=False,
+    ),
+]
+UriOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Where a server-held index lives (milvus: http://HOST:19530, or a Milvus Lite "
+        "file); its token and database come from the environment, never from here.",
+        show_default=False,
+    ),
+]
 
 
 #: Exit status of each kind of error (``cbir.errors``); 130 is an interrupted run.
@@ -81,6 +105,31 @@ def _user_errors() -> Iterator[None]:
 
 def _settings(collection: Path | None, **overrides: Any) -> Settings:
     return Settings.from_env(collection=collection, **overrides)
+
+
+def _index_params(pairs: list[str] | None, uri: str | None) -> dict[str, Any] | None:
+    """``--index-param KEY=VALUE`` (numbers read as numbers) and ``--uri`` as index parameters;
+    None when neither was given (the settings keep theirs)."""
+    if not pairs and uri is None:
+        return None
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise errors.InvalidRequestError(
+                f"--index-param wants KEY=VALUE (e.g. M=48), got {pair!r}"
+            )
+        params[key.strip()] = _number_or_text(value.strip())
+    if uri is not None:
+        params["uri"] = uri
+    return params
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(value)
+    return value
 
 
 def _open(collection: Path | None, *, create: bool = False, **overrides: Any) -> Collection:
@@ -150,10 +199,14 @@ def index(
             show_default=False,
         ),
     ] = None,
+    index: IndexOpt = None,
+    index_param: IndexParamOpt = None,
+    uri: UriOpt = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a folder of images to the collection (again: only new and changed files)."""
+    """Add a folder of images to the collection (again: only new and changed files), then
+    bring up to date the approximate indexes its size calls for (or --index names)."""
     with _user_errors():
         col = _open(
             collection,
@@ -162,6 +215,8 @@ def index(
             max_pixels=max_pixels,
             executor=executor or ("ray" if address else None),
             ray_address=address,
+            index=index,
+            index_params=_index_params(index_param, uri),
         )
         report = _add_with_progress(
             col,
@@ -172,11 +227,18 @@ def index(
             all_files=all_files,
             retry_skipped=retry_skipped,
         )
+        built = [] if report.interrupted else col.build_indexes()
         col.close()
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "indexes": built})
     else:
         _print_index_report(report)
+        for entry in built:
+            out.print(
+                f"index {entry['kind']} of {entry['descriptor']} ({entry['metric']}): "
+                f"{entry['vectors']:,} vectors",
+                highlight=False,
+            )
     if report.interrupted:
         err.print(
             "[yellow]interrupted:[/] the work done so far is saved; run the same command "
@@ -312,13 +374,9 @@ def search(
             "K results (0 = off; docs/deep.md has what it gains)."
         ),
     ] = 0,
-    index: Annotated[
-        str | None,
-        typer.Option(
-            help="Index kind: auto (exact below a size, approximate above), exact, hnsw, "
-            "ivf-flat, ivf-pq, sq8, hnsw-sq, flat (default: auto, or CBIR_INDEX)."
-        ),
-    ] = None,
+    index: IndexOpt = None,
+    index_param: IndexParamOpt = None,
+    uri: UriOpt = None,
     exact: Annotated[
         bool, typer.Option("--exact", help="Scan every vector, whatever the index.")
     ] = False,
@@ -337,7 +395,7 @@ def search(
 ) -> None:
     """Find the images that look most like the query image(s)."""
     with _user_errors():
-        col = _open(collection, index=index)
+        col = _open(collection, index=index, index_params=_index_params(index_param, uri))
         result = col.search(
             [str(q) for q in queries],
             k,

@@ -24,7 +24,7 @@ from cbir.config import Settings
 from cbir.errors import NotFoundError
 from cbir.export import export
 from cbir.features import Descriptor
-from cbir.index.manager import IndexManager, SearchIndex
+from cbir.index.manager import IndexManager, SearchIndex, choose_kind
 from cbir.ingest import (
     LABEL_SOURCES,
     REFIT_GROWTH,
@@ -76,7 +76,7 @@ class Collection:
 
     def close(self) -> None:
         """Save updated indexes, release the catalogue (and the write lock, if held)."""
-        self.indexes.close()
+        self.indexes.save()
         self.store.close()
 
     def __enter__(self) -> Collection:
@@ -219,6 +219,28 @@ class Collection:
     def index(self, record: DescriptorRecord, metric: str) -> SearchIndex:
         """The index of a descriptor under a metric, kept in step with the collection."""
         return self.indexes.index(record, holdings.check_metric(record, metric))
+
+    def build_indexes(self) -> list[dict[str, Any]]:
+        """Bring up to date (build, catch up, save) the approximate index of each descriptor
+        under its default metric, where the settings choose one for its size: what ``cbir
+        index`` does after adding, so the first search finds it ready. Returns what each
+        holds: descriptor, metric, kind, vectors."""
+        built = []
+        for record in self.descriptors:
+            n = self.store.vector_count(record.id)
+            if not n or choose_kind(self.settings, n, record.dim) == "exact":
+                continue
+            index = self.indexes.index(record, record.metric)
+            built.append(
+                {
+                    "descriptor": holdings.short_label(record.spec),
+                    "metric": record.metric,
+                    "kind": index.kind,
+                    "vectors": len(index),
+                }
+            )
+        self.indexes.save()
+        return built
 
     def vectors(self, descriptor: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All ``(image_ids, vectors)`` of a descriptor."""

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -356,6 +357,19 @@ class Store:
             db.close()
         self._local = threading.local()
 
+    @property
+    def uuid(self) -> str:
+        """This collection's identity, made when it was created (or first asked for): what
+        names its indexes in a server, whichever path the collection is opened by."""
+        value = self._meta("uuid")
+        if value is None:  # a collection made before identities were recorded
+            with contextlib.suppress(sqlite3.Error), self._transaction() as db:
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('uuid', ?)", (uuid.uuid4().hex,))
+            value = self._meta("uuid")
+        if value is None:  # read-only: named by its place instead
+            value = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()
+        return value
+
     def _meta(self, key: str) -> str | None:
         row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
@@ -391,6 +405,7 @@ class Store:
             db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
             )
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('uuid', ?)", (uuid.uuid4().hex,))
 
     def _upgrade(self) -> None:
         """Bring the catalogue to FORMAT_VERSION in place (the caller holds the write lock)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +40,13 @@ from cbir.index.base import (
     check_rows,
     register_index,
 )
+from cbir.index.routing import (
+    DEFAULT_RERANK,
+    InnerProductAsL2,
+    VectorCopy,
+    VectorSource,
+    rerank,
+)
 from cbir.metrics import Metric, get_metric
 from cbir.metrics.base import Route
 
@@ -49,8 +55,6 @@ MAX_DEAD_FRACTION = 0.2
 #: An index that learned from training vectors (IVF lists, PQ codebooks) is rebuilt when it has
 #: grown to this many times the vectors it was trained on.
 MAX_GROWTH = 4.0
-#: Candidates per wanted result ranked again by the true metric (rerank routes, lossy codes).
-DEFAULT_RERANK = 10
 #: FAISS's defaults are tuned for recall above 0.95 on clustered real features.
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 80
@@ -63,11 +67,6 @@ DEFAULT_NPROBE = 16
 #: PQ: dimensions per code byte by default, and bits per sub-quantiser code.
 PQ_DIMS_PER_BYTE = 8
 PQ_BITS = 8
-#: The first batch's largest squared norm times this is the radius of the inner-product-as-L2
-#: embedding (room for rows added later).
-MIPS_HEADROOM = 1.5
-#: Queries re-ranked together (bounds the candidate distance matrix).
-RERANK_QUERY_BLOCK = 64
 
 #: The FAISS metric of each route space.
 _SPACES = {"l2": "METRIC_L2", "ip": "METRIC_INNER_PRODUCT", "l1": "METRIC_L1",
@@ -77,7 +76,6 @@ LOSSY_SPACES = ("l2", "ip")
 #: Factory components that keep approximations of the vectors, not the vectors.
 _LOSSY = re.compile(r"PQ|SQ|LSH|PCA|OPQ|RR|ITQ|RQ|LSQ")
 
-VectorSource = Callable[[np.ndarray], np.ndarray]
 _DEFAULT_PARAMS = SearchParams()
 
 
@@ -102,8 +100,9 @@ class FaissIndex:
     """A FAISS index built from a factory string over a metric's route embedding.
 
     ``rerank``: candidates per result re-ranked exactly (where needed); ``source``: reads the
-    full vectors of ids for that re-rank (None: the index keeps a copy of them); ``label``: the
-    name a server-held index would use (unused here).
+    full vectors of ids for that re-rank (None: the index keeps a copy of them). ``label`` (the
+    name of an index held in a server) and ``home`` (the folder of a collection's indexes) are
+    for kinds that keep their data outside the saved file; this one needs neither.
     """
 
     kind: ClassVar[str] = "faiss"
@@ -120,8 +119,9 @@ class FaissIndex:
         nprobe: int = DEFAULT_NPROBE,
         source: VectorSource | None = None,
         label: str | None = None,
+        home: str | os.PathLike[str] | None = None,
     ) -> None:
-        del label  # the index lives in this process: it needs no name
+        del label, home  # the index lives in this process and in its saved file
         self.metric = get_metric(metric)
         self.dim = dim
         self.factory = str(factory)
@@ -135,17 +135,15 @@ class FaissIndex:
         self.nlist: int | None = None  # IVF kinds: lists (None: from the first batch)
         self.pq_bytes: int | None = None  # PQ kinds: bytes per code (None: from the width)
         self._width = 0  # columns FAISS holds: the embedding's, zero-padded for PQ
-        # an inner-product route on a graph is searched as L2 (see _as_l2)
-        self._mips = self.route.space == "ip" and "HNSW" in self.factory
-        self._radius2 = 0.0
-        self._outgrown = False  # a row came past the radius: rebuild
+        # an inner-product route on a graph is searched as L2
+        self._mips = InnerProductAsL2() if self.route.space == "ip" and "HNSW" in factory else None
         self._index: Any = None  # made at the first add (trained kinds need the vectors)
         self._layout_of: tuple[Any, tuple[str, bool, int]] | None = None
         self._trained_on = 0
         self._labels = np.empty(0, np.int64)  # FAISS row -> cbir id
         self._alive = np.empty(0, bool)
         self._count = 0  # live rows (kept, not summed per search)
-        self._raw: np.ndarray | None = None  # full vectors by row, when no source reads them
+        self._copy: VectorCopy | None = None  # full vectors, when no source reads them
 
     # -- what it holds -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -156,7 +154,7 @@ class FaissIndex:
         """Whether results are ranked again by the true metric on the full vectors: for
         candidate routes, quantised codes, and inner products searched as L2 (whose scores
         lose float32 digits to the radius)."""
-        return not self.route.exact or self.lossy or self._mips
+        return not self.route.exact or self.lossy or self._mips is not None
 
     @property
     def stale(self) -> bool:
@@ -164,7 +162,7 @@ class FaissIndex:
         rows = len(self._alive)
         if rows and (rows - len(self)) > MAX_DEAD_FRACTION * rows:
             return True
-        if self._outgrown:
+        if self._mips is not None and self._mips.outgrown:
             return True
         return bool(self._trained_on) and len(self) > MAX_GROWTH * self._trained_on
 
@@ -172,8 +170,8 @@ class FaissIndex:
         """Bytes held in RAM for the vectors (FAISS's structures, the id map, any copy)."""
         faiss = import_faiss()
         held = 0 if self._index is None else len(faiss.serialize_index(self._index))
-        raw = 0 if self._raw is None else self._raw.nbytes
-        return held + self._labels.nbytes + self._alive.nbytes + raw
+        copy = 0 if self._copy is None else self._copy.nbytes
+        return held + self._labels.nbytes + self._alive.nbytes + copy
 
     # -- updating ------------------------------------------------------------------------------
     def _factory_for(self, expected: int, sample: int, width: int) -> tuple[str, int]:
@@ -186,22 +184,9 @@ class FaissIndex:
         L2, inner product, L1 or L-inf)."""
         E = self.route.queries(X) if query else self.route.embed(X)
         E = np.ascontiguousarray(E, dtype=np.float32)
-        return self._padded(self._as_l2(E, query) if self._mips else E)
-
-    def _as_l2(self, E: np.ndarray, query: bool) -> np.ndarray:
-        """Inner-product rows as rows whose L2 distance ranks the same (Bachrach et al. 2014,
-        "Speeding up the Xbox recommender system"): a database row gets one more coordinate,
-        ``sqrt(R^2 - ||x||^2)``, a query a 0, so ``||q - x||^2 = ||q||^2 + R^2 - 2 q.x``. A
-        graph built on inner products links rows that are not neighbours (kl's ``ln q`` rows);
-        one built on these L2 distances does. ``R^2`` is fixed by the first batch."""
-        if query:
-            return np.hstack([E, np.zeros((len(E), 1), np.float32)])
-        norms = np.einsum("ij,ij->i", E, E, dtype=np.float64)
-        if not self._radius2:
-            self._radius2 = float(norms.max(initial=0.0)) * MIPS_HEADROOM or 1.0
-        self._outgrown |= bool(norms.max(initial=0.0) > self._radius2)
-        extra = np.sqrt(np.maximum(self._radius2 - norms, 0.0)).astype(np.float32)
-        return np.hstack([E, extra[:, None]])
+        if self._mips is not None:
+            E = self._mips.queries(E) if query else self._mips.rows(E)
+        return self._padded(E)
 
     def _padded(self, E: np.ndarray) -> np.ndarray:
         if self._width > E.shape[1]:
@@ -211,7 +196,7 @@ class FaissIndex:
     def _new_index(self, embedded: np.ndarray, expected: int) -> Any:
         """A FAISS index for about ``expected`` rows, trained on ``embedded`` if it learns."""
         faiss = import_faiss()
-        metric = getattr(faiss, _SPACES["l2" if self._mips else self.route.space])
+        metric = getattr(faiss, _SPACES["l2" if self._mips is not None else self.route.space])
         factory, self._width = self._factory_for(expected, len(embedded), embedded.shape[1])
         try:
             index = faiss.index_factory(self._width, factory, metric)
@@ -249,8 +234,8 @@ class FaissIndex:
         self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
         self._count += len(ids)
         if self.needs_rerank and self.source is None:
-            rows = np.asarray(vectors, np.float32)
-            self._raw = rows if self._raw is None else np.concatenate([self._raw, rows])
+            self._copy = self._copy or VectorCopy(self.dim)
+            self._copy.add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
         return self._kill(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -265,6 +250,8 @@ class FaissIndex:
             # the count first: a search that sees it short of the mask's length filters
             self._count -= int(hit.sum())
             self._alive = alive
+            if self._copy is not None:
+                self._copy.remove(ids)
         return int(hit.sum())
 
     # -- searching -----------------------------------------------------------------------------
@@ -290,10 +277,8 @@ class FaissIndex:
         found = rows >= 0
         ids = np.where(found, labels[np.where(found, rows, 0)], MISSING)
         if self.needs_rerank:
-            return self._reranked(Q, ids, k)
+            return rerank(self.metric, Q, ids, k, self._full_vectors())
         S = S.astype(np.float64)
-        if self._mips:  # back from L2 to the inner product
-            S = (np.einsum("ij,ij->i", embedded, embedded)[:, None] + self._radius2 - S) / 2
         # FAISS returns each row best first and the conversion keeps the order
         D = np.where(found, self.route.distance(S, Q), np.inf)
         return D, ids
@@ -351,31 +336,12 @@ class FaissIndex:
         self._layout_of = (self._index, layout)
         return layout
 
-    def _reranked(self, Q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates ``ids`` of each query ranked by the true metric; best ``k`` kept."""
-        D = np.full(ids.shape, np.inf)
-        wanted = np.unique(ids[ids != MISSING])
-        if len(wanted):
-            V = self._vectors(wanted)
-            PV = self.metric.prepare(V)
-            for lo in range(0, len(Q), RERANK_QUERY_BLOCK):
-                block = slice(lo, lo + RERANK_QUERY_BLOCK)
-                cand = ids[block]
-                cols = np.searchsorted(wanted, np.where(cand == MISSING, wanted[0], cand))
-                full = self.metric.compare(self.metric.prepare(Q[block]), PV)
-                D[block] = np.where(
-                    cand == MISSING, np.inf, np.take_along_axis(full, cols, axis=1)
-                )
-        return _sorted(D, ids, k)
-
-    def _vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Full vectors of ``ids`` (sorted, unique) for the re-rank."""
+    def _full_vectors(self) -> VectorSource:
         if self.source is not None:
-            return np.asarray(self.source(ids))
-        assert self._raw is not None
-        rows = np.flatnonzero(np.isin(self._labels, ids) & self._alive)
-        order = np.argsort(self._labels[rows])
-        return self._raw[rows[order]]
+            return self.source
+        if self._copy is None:  # nothing added yet: no candidate is ever read
+            self._copy = VectorCopy(self.dim)
+        return self._copy
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -391,10 +357,10 @@ class FaissIndex:
                 [self.rerank, self.ef_search, self.nprobe, self._trained_on, self._width]
             ),
             faiss=blob,
-            radius2=np.array([self._radius2, float(self._outgrown)]),
+            mips=np.empty(0) if self._mips is None else self._mips.state(),
             labels=self._labels,
             alive=self._alive,
-            **({} if self._raw is None else {"raw": self._raw}),
+            **({} if self._copy is None else self._copy.arrays("copy_")),
         )
 
     @classmethod
@@ -413,9 +379,10 @@ class FaissIndex:
                 index._labels = data["labels"].astype(np.int64)
                 index._alive = data["alive"].astype(bool)
                 index._count = int(index._alive.sum())
-                index._raw = data["raw"] if "raw" in data.files else None
-                index._radius2, outgrown = (float(v) for v in data["radius2"])
-                index._outgrown = bool(outgrown)
+                index._copy = VectorCopy.from_arrays(data, "copy_", index.dim)
+                if index._mips is not None:
+                    radius2, outgrown = (float(v) for v in data["mips"])
+                    index._mips = InnerProductAsL2(radius2, bool(outgrown))
             index._index = faiss.deserialize_index(blob) if len(blob) else None
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise CorruptError(
@@ -424,7 +391,7 @@ class FaissIndex:
         held = 0 if index._index is None else index._index.ntotal
         if not len(index._labels) == len(index._alive) == held:
             raise CorruptError(f"{path} holds {held} FAISS rows but {len(index._labels)} ids")
-        if index.needs_rerank and source is None and index._raw is None:
+        if index.needs_rerank and source is None and index._copy is None:
             raise CorruptError(f"{path} keeps no vectors to re-rank with and none were given")
         index._trained_on, index._width = trained_on, width
         return index
@@ -451,14 +418,6 @@ def _innermost(index: Any) -> Any:
     if isinstance(index, faiss.IndexPreTransform):
         return faiss.downcast_index(index.index)
     return index
-
-
-def _sorted(D: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows sorted by (distance, id), cut to ``k``, empty slots as (inf, MISSING)."""
-    ids = np.where(np.isfinite(D), ids, MISSING)
-    D = np.where(ids == MISSING, np.inf, D)
-    order = np.lexsort((ids, D), axis=-1)[:, :k]
-    return np.take_along_axis(D, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def _lists_for(expected: int, sample: int) -> int:

@@ -25,7 +25,6 @@ rebuilt, never trusted. Updated indexes are saved again when the collection is c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -158,7 +157,7 @@ class IndexManager:
             self._entries[key] = entry
             return entry.index
 
-    def close(self) -> None:
+    def save(self) -> None:
         """Save the approximate indexes updated since they were saved (or built)."""
         with self._lock:
             for (descriptor_id, metric, _), entry in self._entries.items():
@@ -194,6 +193,7 @@ class IndexManager:
             dim=record.dim,
             source=self._source(record),
             label=self._label(record, metric),
+            home=self.store.root / "indexes",
             **self.settings.index_params,
         )
         n = self.store.vector_count(record.id)
@@ -217,8 +217,7 @@ class IndexManager:
     def _label(self, record: DescriptorRecord, metric: Metric) -> str:
         """A name for the index unique to this collection, descriptor and metric (an index
         that lives in a server is stored under it)."""
-        where = hashlib.sha1(str(self.store.root.resolve()).encode()).hexdigest()[:12]
-        return f"cbir_{where}_{record.id}_{metric.name}"
+        return f"cbir_{self.store.uuid[:16]}_{record.id}_{metric.name}"
 
     def _source(self, record: DescriptorRecord) -> Any:
         """Reads full vectors for an approximate index's exact re-rank."""
