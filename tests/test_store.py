@@ -236,6 +236,35 @@ def test_another_process_changes_are_seen_without_reopening(store: Store) -> Non
     assert np.array_equal(got, expected)
 
 
+def test_what_searches_keep_between_queries_follows_every_change(store: Store) -> None:
+    """Descriptors, generations and hit names are kept between searches; a change by this
+    store, by another thread's connection or by another process is seen at the next read."""
+    store.write_batch([update(n, "a") for n in (1, 2)])
+    one, two = ids_of(store, 1, 2)
+    assert store.names([two, one]) == [("/img/2.png", None), ("/img/1.png", None)]
+    store.set_labels({"/img/1.png": "cat"})  # this store
+    assert store.names([one]) == [("/img/1.png", "cat")]
+    with Store(store.root, create=False) as other:  # another connection
+        other.set_labels({"/img/2.png": "dog"})
+        other.add_descriptor("c", "c", {}, DIM, "cosine")
+    assert store.names([one, two]) == [("/img/1.png", "cat"), ("/img/2.png", "dog")]
+    assert [d.spec for d in store.descriptors()] == ["a", "b", "c"]
+    before = store.generation(spec_id(store, "a"))
+    snippet = textwrap.dedent(
+        f"""
+        from cbir.store import Store
+        with Store({str(store.root)!r}, create=False) as s:
+            s.remove_images([{one}])
+            s.set_labels({{"/img/2.png": "owl"}})
+        """
+    )
+    subprocess.run([sys.executable, "-c", snippet], check=True, env=ENV, timeout=60)
+    assert store.generation(spec_id(store, "a")) > before
+    assert store.names([two]) == [("/img/2.png", "owl")]
+    with pytest.raises(KeyError):
+        store.names([one])
+
+
 # -- reading vectors ------------------------------------------------------------------------------
 def test_vectors_for_keeps_the_order_given(store: Store) -> None:
     a = spec_id(store, "a")

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -177,6 +178,13 @@ _MOVED_TABLE = "moved_rows"
 _MOVED = f"temp.{_MOVED_TABLE}"
 
 _T = TypeVar("_T")
+#: Hit names (path, label) kept between searches while the catalogue is unchanged.
+MAX_CACHED_NAMES = 100_000
+#: The catalogue is read through a memory map up to this size: the rows of a search's hits cost
+#: no system call each.
+SQLITE_MMAP_BYTES = 1 << 30
+#: Numbers the connections a store opens (a change token names the connection it was read on).
+_CONNECTION_SERIALS = itertools.count(1)
 
 
 class _SegmentVanishedError(Exception):
@@ -278,6 +286,10 @@ class Store:
                 )
             self.root.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # what searches read on every query (descriptors, generations, hit names), kept until
+        # the catalogue changes: (change token, value) by what it is
+        self._cached: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._commits = 0  # transactions this store committed (its own connections' changes)
         #: every thread's connection, by thread: close() closes them all
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._connections_lock = threading.Lock()
@@ -338,6 +350,7 @@ class Store:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
         except sqlite3.Error as exc:
             raise CorruptError(f"cannot open the catalogue {self._path}: {exc}") from exc
         with self._connections_lock:
@@ -348,7 +361,25 @@ class Store:
                 self._connections.pop(t).close()
             self._connections[threading.current_thread()] = db
         self._local.db = db
+        self._local.serial = next(_CONNECTION_SERIALS)
         return db
+
+    def change_token(self) -> tuple[int, int, int]:
+        """Equal between two calls in one thread only if nobody changed the catalogue in
+        between: SQLite's ``data_version`` (bumped by other connections' commits, from any
+        process) and this store's own commits, on this thread's connection."""
+        db = self._conn()
+        (version,) = db.execute("PRAGMA data_version").fetchone()
+        return (self._local.serial, int(version), self._commits)
+
+    def _cache(self, name: str, token: tuple[int, int, int], make: Callable[[], _T]) -> _T:
+        """``make()``, or what it gave under the same change token."""
+        held = self._cached.get(name)
+        if held is not None and held[0] == token:
+            return held[1]
+        value = make()
+        self._cached[name] = (token, value)
+        return value
 
     def _close_connections(self) -> None:
         with self._connections_lock:
@@ -441,6 +472,7 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        self._commits += 1  # what this store reads is read again
 
     def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One write transaction on this thread's connection."""
@@ -565,6 +597,9 @@ class Store:
     def generations(self) -> dict[int, int]:
         """Every descriptor's generation in one query: cheap enough to ask before each search
         whether an index is still in step."""
+        return dict(self._cache("generations", self.change_token(), self._read_generations))
+
+    def _read_generations(self) -> dict[int, int]:
         if not self._has_feed():
             # format 1: the vectors as they are are generation 0
             return {r[0]: 0 for r in self._conn().execute("SELECT id FROM descriptors")}
@@ -610,6 +645,9 @@ class Store:
     # -- descriptors -----------------------------------------------------------------------------
     def descriptors(self) -> list[DescriptorRecord]:
         """The descriptors this collection holds, in the order they were added."""
+        return list(self._cache("descriptors", self.change_token(), self._read_descriptors))
+
+    def _read_descriptors(self) -> list[DescriptorRecord]:
         return [
             DescriptorRecord(
                 id=r["id"],
@@ -715,6 +753,24 @@ class Store:
         )
         found = {r[0]: ImageRecord(*r) for r in rows}
         return [found[i] for i in ids]
+
+    def names(self, image_ids: Sequence[int] | np.ndarray) -> list[tuple[str, str | None]]:
+        """``(path, label)`` of ``image_ids``, in that order: what a search shows of its hits,
+        read without the rest of each row (a KeyError names a missing id)."""
+        ids = [int(i) for i in image_ids]
+        known: dict[int, tuple[str, str | None]] = self._cache("names", self.change_token(), dict)
+        wanted = [i for i in ids if i not in known]
+        if wanted:
+            cursor = self._conn().cursor()
+            cursor.row_factory = None
+            rows = cursor.execute(
+                "SELECT id, path, label FROM images WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(wanted),),
+            )
+            if len(known) > MAX_CACHED_NAMES:
+                known.clear()
+            known.update((r[0], (r[1], r[2])) for r in rows)
+        return [known[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:
         """Set the label of images by path."""

@@ -139,6 +139,7 @@ class FaissIndex:
         self._mips = InnerProductAsL2() if self.route.space == "ip" and "HNSW" in factory else None
         self._index: Any = None  # made at the first add (trained kinds need the vectors)
         self._layout_of: tuple[Any, tuple[str, bool, int]] | None = None
+        self._params_cache: dict[tuple[str, bool, int], Any] = {}
         self._trained_on = 0
         self._labels = np.empty(0, np.int64)  # FAISS row -> cbir id
         self._alive = np.empty(0, bool)
@@ -275,13 +276,16 @@ class FaissIndex:
         embedded = self._embedded(Q, query=True)
         S, rows = self._faiss_search(embedded, wanted, labels, alive, exclude, params)
         found = rows >= 0
-        ids = np.where(found, labels[np.where(found, rows, 0)], MISSING)
+        complete = bool(found.all())  # no slot left empty: the common case, fewer passes
+        if complete:
+            ids = labels[rows]
+        else:
+            ids = np.where(found, labels[np.where(found, rows, 0)], MISSING)
         if self.needs_rerank:
             return rerank(self.metric, Q, ids, k, self._full_vectors())
-        S = S.astype(np.float64)
         # FAISS returns each row best first and the conversion keeps the order
-        D = np.where(found, self.route.distance(S, Q), np.inf)
-        return D, ids
+        D = self.route.distance(S.astype(np.float64), Q)
+        return (D if complete else np.where(found, D, np.inf)), ids
 
     def _faiss_search(
         self,
@@ -296,27 +300,32 @@ class FaissIndex:
         keep = alive
         if exclude is not None and len(exclude):
             keep = alive & ~np.isin(labels, np.asarray(exclude, np.int64))
-        kwargs: dict[str, Any] = {}
-        bits = None
-        if keep is not alive or self._count < len(alive):  # rows to skip
-            bits = np.packbits(keep, bitorder="little")  # held until the search returns
-            kwargs["sel"] = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bits))
         family, wrapped, nlist = self._layout()
+        breadth = 0  # what the family's parameters set
         if family == "hnsw":
-            search_params = faiss.SearchParametersHNSW(
-                efSearch=max(params.ef or self.ef_search, k), **kwargs
-            )
+            breadth = max(params.ef or self.ef_search, k)
         elif family == "ivf":
-            search_params = faiss.SearchParametersIVF(
-                nprobe=min(params.nprobe or self.nprobe, nlist), **kwargs
-            )
-        else:
-            search_params = faiss.SearchParameters(**kwargs) if kwargs else None
-        if wrapped and search_params is not None:
-            search_params = faiss.SearchParametersPreTransform(index_params=search_params)
+            breadth = min(params.nprobe or self.nprobe, nlist)
+        if keep is alive and self._count == len(alive):  # no row to skip: the common case
+            search_params = self._search_params(family, wrapped, breadth)
+            S, rows = self._index.search(embedded, k, params=search_params)
+            return S, rows
+        bits = np.packbits(keep, bitorder="little")  # held until the search returns
+        selector = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bits))
+        search_params = _make_search_params(faiss, family, wrapped, breadth, selector)
         S, rows = self._index.search(embedded, k, params=search_params)
         del bits
         return S, rows
+
+    def _search_params(self, family: str, wrapped: bool, breadth: int) -> Any:
+        """FAISS search parameters without a selector, made once per setting (FAISS only reads
+        them, so searches in several threads share them)."""
+        key = (family, wrapped, breadth)
+        cached = self._params_cache.get(key)
+        if cached is None:
+            cached = _make_search_params(import_faiss(), family, wrapped, breadth, None)
+            self._params_cache[key] = cached
+        return cached
 
     def _layout(self) -> tuple[str, bool, int]:
         """What takes the search parameters: "hnsw", "ivf" (with its list count) or "flat",
@@ -418,6 +427,23 @@ def _innermost(index: Any) -> Any:
     if isinstance(index, faiss.IndexPreTransform):
         return faiss.downcast_index(index.index)
     return index
+
+
+def _make_search_params(
+    faiss: Any, family: str, wrapped: bool, breadth: int, selector: Any
+) -> Any:
+    """FAISS's search parameters for an index family: efSearch (HNSW) or nprobe (IVF) set to
+    ``breadth``, rows filtered by ``selector``; None when there is nothing to set."""
+    kwargs = {} if selector is None else {"sel": selector}
+    if family == "hnsw":
+        made = faiss.SearchParametersHNSW(efSearch=breadth, **kwargs)
+    elif family == "ivf":
+        made = faiss.SearchParametersIVF(nprobe=breadth, **kwargs)
+    else:
+        made = faiss.SearchParameters(**kwargs) if kwargs else None
+    if wrapped and made is not None:
+        made = faiss.SearchParametersPreTransform(index_params=made)
+    return made
 
 
 def _lists_for(expected: int, sample: int) -> int:

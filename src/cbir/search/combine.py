@@ -70,7 +70,7 @@ def ranked_ids(
     if len(queries) == 0:
         raise InvalidRequestError("no query vectors")
     if combine == "mean" or len(queries) == 1:
-        center = queries.astype(np.float64).mean(axis=0, keepdims=True)
+        center = queries if len(queries) == 1 else queries.mean(axis=0, keepdims=True, dtype=float)
         d, i = index.search(center, k, exclude=exclude, params=params)
         found = i[0] != MISSING
         return i[0][found], d[0][found]

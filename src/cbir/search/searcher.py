@@ -81,8 +81,10 @@ class Searcher:
         if request.fused or (request.combine == "rrf" and n_queries > 1 and not request.expand):
             score = "rrf"
         hits = tuple(
-            Hit(rank=n + 1, id=r.id, path=r.path, score=float(s), label=r.label)
-            for n, (r, s) in enumerate(zip(self.store.records(ids), scores, strict=True))
+            Hit(rank=n + 1, id=i, path=path, score=s, label=label)
+            for n, (i, (path, label), s) in enumerate(
+                zip(ids.tolist(), self.store.names(ids), scores.tolist(), strict=True)
+            )
         )
         return SearchResult(
             hits=hits,
