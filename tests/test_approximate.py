@@ -201,6 +201,14 @@ def test_cbir_index_builds_the_index_it_is_told_to_with_its_parameters(tmp_path,
     ]
     record = json.loads((tmp_path / "col" / "indexes" / "1-hellinger-hnsw.json").read_text())
     assert record["params"] == {"M": 8}
+    (saved,) = json.loads(runner.invoke(app, ["info", "--json"], env=env).output)["indexes"]
+    assert saved["kind"] == "hnsw" and saved["vectors"] == 48 and saved["current"]
+    # the vectors (288 float32 values) and the graph's links (2M on the base level), no more
+    # than a few hundred bytes of FAISS's own headers over 48 images
+    vector_bytes, link_bytes = 288 * 4, 2 * 8 * 4
+    assert vector_bytes < saved["ram_bytes_per_image"] < vector_bytes + 2 * link_bytes + 200
+    assert not saved["reranks_from_segments"]
+    assert "saved indexes" in runner.invoke(app, ["info"], env=env).output
     bad = runner.invoke(app, ["index", str(colours), "--index-param", "M"], env=env)
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
 

@@ -470,11 +470,29 @@ def info(
     for d in data["descriptors"]:
         table.add_row(escape(d["label"]), str(d["dim"]), d["default_metric"], str(d["vectors"]))
     out.print(table)
+    if data["indexes"]:
+        _print_indexes(data["indexes"])
     files = data["skipped_files"]
     for f in files if skipped else files[:10]:
         out.print(f"  [yellow]skipped[/] {f['path']}: {f['reason']}", highlight=False)
     if not skipped and len(files) > 10:
         out.print(f"  ... {len(files) - 10} more (cbir info --skipped)")
+
+
+def _print_indexes(indexes: list[dict[str, Any]]) -> None:
+    table = Table(
+        "index", "descriptor", "metric", "vectors", "RAM B/image", "file B/image", "state",
+        title="saved indexes", title_justify="left",
+    )  # fmt: skip
+    for i in indexes:
+        per = [i["ram_bytes_per_image"], i["disk_bytes_per_image"]]
+        table.add_row(
+            i["kind"], escape(i["descriptor"]), i["metric"], f"{i['vectors']:,}",
+            *("-" if v is None else f"{v:,.0f}" for v in per),
+            ("current" if i["current"] else "behind (caught up at the next search)")
+            + ("; re-ranks from the vectors on disk" if i["reranks_from_segments"] else ""),
+        )  # fmt: skip
+    out.print(table)
 
 
 @app.command()

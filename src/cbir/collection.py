@@ -285,8 +285,33 @@ class Collection:
                 for d in self.descriptors
             ],
             "disk_bytes": size,
+            "indexes": self._saved_indexes(),
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped()],
         }
+
+    def _saved_indexes(self) -> list[dict[str, Any]]:
+        """Each saved approximate index: what it serves, how current it is, and its bytes per
+        image in RAM and on disk (its file; a re-ranking index also reads the full vectors
+        from the segments)."""
+        labels = {d.id: holdings.short_label(d.spec) for d in self.descriptors}
+        generations = self.store.generations()
+        out = []
+        for saved in self.indexes.saved():
+            n = saved.get("vectors") or 0
+            ram, file_bytes = saved.get("ram_bytes"), saved.get("file_bytes")
+            out.append(
+                {
+                    "descriptor": labels.get(saved["descriptor_id"], str(saved["descriptor_id"])),
+                    "metric": saved["metric"],
+                    "kind": saved["kind"],
+                    "vectors": n,
+                    "current": saved.get("generation") == generations.get(saved["descriptor_id"]),
+                    "ram_bytes_per_image": ram / n if n and ram is not None else None,
+                    "disk_bytes_per_image": file_bytes / n if n and file_bytes else None,
+                    "reranks_from_segments": bool(saved.get("reads_vectors")),
+                }
+            )
+        return out
 
     def export(
         self,

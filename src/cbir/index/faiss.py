@@ -140,6 +140,7 @@ class FaissIndex:
         self._index: Any = None  # made at the first add (trained kinds need the vectors)
         self._layout_of: tuple[Any, tuple[str, bool, int]] | None = None
         self._params_cache: dict[tuple[str, bool, int], Any] = {}
+        self._faiss_bytes: tuple[int, int] | None = None  # (rows, serialised bytes) when known
         self._trained_on = 0
         self._labels = np.empty(0, np.int64)  # FAISS row -> cbir id
         self._alive = np.empty(0, bool)
@@ -168,9 +169,13 @@ class FaissIndex:
         return bool(self._trained_on) and len(self) > MAX_GROWTH * self._trained_on
 
     def memory_bytes(self) -> int:
-        """Bytes held in RAM for the vectors (FAISS's structures, the id map, any copy)."""
-        faiss = import_faiss()
-        held = 0 if self._index is None else len(faiss.serialize_index(self._index))
+        """Bytes held in RAM for the vectors (FAISS's structures, the id map, any copy). FAISS
+        holds what it serialises; the size is that of the last save (or load), else measured."""
+        rows = 0 if self._index is None else self._index.ntotal
+        if self._faiss_bytes is None or self._faiss_bytes[0] != rows:
+            blob = 0 if self._index is None else len(import_faiss().serialize_index(self._index))
+            self._faiss_bytes = (rows, blob)
+        held = self._faiss_bytes[1]
         copy = 0 if self._copy is None else self._copy.nbytes
         return held + self._labels.nbytes + self._alive.nbytes + copy
 
@@ -356,6 +361,7 @@ class FaissIndex:
     def save(self, path: str | os.PathLike[str]) -> None:
         faiss = import_faiss()
         blob = np.empty(0, np.uint8) if self._index is None else faiss.serialize_index(self._index)
+        self._faiss_bytes = (0 if self._index is None else self._index.ntotal, len(blob))
         atomic_save(
             path,
             kind=np.array(self.kind),
@@ -393,6 +399,7 @@ class FaissIndex:
                     radius2, outgrown = (float(v) for v in data["mips"])
                     index._mips = InnerProductAsL2(radius2, bool(outgrown))
             index._index = faiss.deserialize_index(blob) if len(blob) else None
+            index._faiss_bytes = (0 if index._index is None else index._index.ntotal, len(blob))
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise CorruptError(
                 f"{path} is not a saved FAISS index ({exc}); it will be rebuilt"

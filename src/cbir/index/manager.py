@@ -246,10 +246,31 @@ class IndexManager:
             "generation": entry.generation,
             "dim": index.dim,
             "params": _jsonable(self.settings.index_params),  # built with these; others rebuild
+            # what `cbir info` reports, without loading the index
+            "vectors": len(index),
+            "ram_bytes": index.memory_bytes() if hasattr(index, "memory_bytes") else None,
+            "file_bytes": index_file.stat().st_size,
+            "reads_vectors": bool(getattr(index, "needs_rerank", False)),
         }
         tmp.write_text(json.dumps(record))
         os.replace(tmp, record_file)
         entry.saved = entry.generation
+
+    def saved(self) -> list[dict[str, Any]]:
+        """What the saved indexes hold, from their records (the indexes are not loaded):
+        descriptor id, metric, kind, generation, vectors, bytes in RAM and in the index file,
+        and whether searches read full vectors from the segments (for a re-rank)."""
+        found = []
+        for record_file in sorted((self.store.root / "indexes").glob("*.json")):
+            descriptor_id, _, rest = record_file.stem.partition("-")
+            metric, _, kind = rest.partition("-")
+            try:
+                record = json.loads(record_file.read_text())
+                found.append({"descriptor_id": int(descriptor_id), "metric": metric,
+                              "kind": kind, **record})  # fmt: skip
+            except (OSError, ValueError):
+                continue  # unreadable: rebuilt when it is next used
+        return found
 
     def _load_saved(self, record: DescriptorRecord, metric: Metric, kind: str) -> _Entry | None:
         index_file, record_file = self._paths(record.id, metric.name, kind)
