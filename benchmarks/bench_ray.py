@@ -14,21 +14,19 @@ on 2 CPUs each:
 The goal is the Ray rate (running instance) at least 0.8 of the pool's. The runs alternate,
 ``ROUNDS`` times each, and the best of each is kept (the machine is shared); the files are read
 once first so the page cache favours none. Usage: python benchmarks/bench_ray.py [images]
-(writes benchmarks/results/ray.md and the section of docs/benchmarks.md).
+(writes benchmarks/results/ray.md and its section of docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, WORK, dataset, image_files, machine, md_table
+from common import WORK, dataset, image_files, md_table, publish, wrap
 
 from cbir.collection import Collection
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
@@ -37,6 +35,11 @@ IMAGES = 2000
 ROUNDS = 2
 GOAL = 0.8
 SECTION = "## Ray executor beside the local process pool"
+INTRO = wrap(
+    "`cbir index --executor ray` (2 Ray actors) beside `--executor local` (2 worker "
+    f"processes) on the same files (`benchmarks/bench_ray.py`). Goal: Ray at least {GOAL} of "
+    "the pool's rate, on a running instance."
+)
 
 
 def index_rate(files: list[Path], executor: str, name: str) -> float:
@@ -88,8 +91,8 @@ def main(limit: int = IMAGES) -> str:
     ]
     startup = len(files) / best["own"] - len(files) / best["ray"]
     text = (
-        _wrap(
-            f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, Ray {ray.__version__}. "
+        wrap(
+            f"Ray {ray.__version__}. "
             f"{len(files)} COIL-100 images (128x128 JPEG), the six default hand-crafted "
             f"descriptors ({', '.join(DEFAULT_DESCRIPTORS)}), `Collection.add` into a fresh "
             f"collection; best of {ROUNDS} alternating runs each."
@@ -97,7 +100,7 @@ def main(limit: int = IMAGES) -> str:
         + "\n\n"
         + md_table(["executor", "images/s", "ratio to the pool", "goal"], rows)
         + "\n\n"
-        + _wrap(
+        + wrap(
             f"Starting and stopping its own instance cost the run {startup:.1f} s more than a "
             "running instance: paid once per run, it matters little at a size that needs a "
             "cluster."
@@ -106,36 +109,9 @@ def main(limit: int = IMAGES) -> str:
     )
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "ray.md").write_text(text)
-    _write_section(text)
     print(text)
     return text
 
 
-def _write_section(text: str) -> None:
-    """Put this benchmark's section into docs/benchmarks.md, replacing its earlier figures and
-    leaving every other section as it is."""
-    doc_path = REPO / "docs" / "benchmarks.md"
-    doc = doc_path.read_text()
-    body = (
-        f"{SECTION}\n\n"
-        + _wrap(
-            "`cbir index --executor ray` (2 Ray actors) beside `--executor local` (2 worker "
-            f"processes) on the same files (`benchmarks/bench_ray.py`). Goal: Ray at least "
-            f"{GOAL} of the pool's rate, on a running instance."
-        )
-        + f"\n\n{text}"
-    )
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: body + "\n", doc, count=1).rstrip("\n") + "\n"
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + body
-    doc_path.write_text(doc)
-
-
-def _wrap(paragraph: str) -> str:
-    return textwrap.fill(paragraph, width=96, break_on_hyphens=False)
-
-
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else IMAGES)
+    publish(SECTION, INTRO, main(int(sys.argv[1]) if len(sys.argv) > 1 else IMAGES))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +60,29 @@ def md_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def wrap(paragraph: str) -> str:
+    """A paragraph folded to the width of the docs."""
+    return textwrap.fill(paragraph, width=96, break_on_hyphens=False)
+
+
+def write_section(heading: str, body: str, doc: Path = REPO / "docs" / "benchmarks.md") -> None:
+    """Put ``heading`` and ``body`` into ``doc`` in place of that heading's earlier section (up to
+    the next ``## `` heading), or at the end if it has none: every other section stays as it
+    is, so each benchmark publishes its own figures without dropping the others'."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text.rstrip("\n") + "\n")
+
+
+def publish(heading: str, intro: str, text: str) -> None:
+    """A benchmark's section of docs/benchmarks.md: what it measures and its goals (``intro``),
+    when and where it ran, and its figures (``text``)."""
+    stamp = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}."
+    write_section(heading, f"{intro.strip()}\n\n{stamp}\n\n{text.strip()}")

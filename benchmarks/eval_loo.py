@@ -12,12 +12,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import WORK, dataset, md_table
+from common import WORK, dataset, md_table, publish
 
 from cbir.collection import Collection
 from cbir.config import DEFAULT_DESCRIPTORS, Settings
 from cbir.features import create_descriptor, metrics_for
 from cbir.metrics import get_metric
+
+SECTION = "## Leave-one-out retrieval on dtd10"
+INTRO = "Every image queries all the others (`benchmarks/eval_loo.py`); relevant: the same class."
 
 
 def loo_scores(D: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -83,4 +86,4 @@ def main(name: str = "dtd10") -> str:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:2] or []))
+    publish(SECTION, INTRO, main(*(sys.argv[1:2] or [])))
