@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from cbir.errors import CorruptError, InvalidRequestError
-from cbir.index import MISSING, ExactIndex, create_index, index_kinds, load_index, scan
+from cbir.index import (
+    MISSING,
+    ExactIndex,
+    create_index,
+    index_class,
+    index_kinds,
+    load_index,
+    scan,
+)
 from cbir.metrics import get_metric, metric_names
 from cbir.search import merge_min, ranked_ids, rrf_fuse
 
@@ -28,8 +36,30 @@ EXHAUSTIVE: dict[str, dict] = {
     "sq8": {"rerank": 64},
     "faiss": {"rerank": 64},
     "flat": {"rerank": 64},
+    "milvus": {"ef_search": 1024, "rerank": 64},
 }
-EXACT_KINDS = [k for k in KINDS if not create_index(k, metric="l2", dim=1).approximate]
+EXACT_KINDS = [k for k in KINDS if not index_class(k).approximate]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def milvus_lite(tmp_path_factory):
+    """The milvus kind runs here on Milvus Lite, in a file of its own (tests/test_milvus.py
+    runs it on a real server too); without pymilvus its cases are skipped."""
+    import importlib.util
+
+    with pytest.MonkeyPatch.context() as patch:
+        if importlib.util.find_spec("pymilvus") is not None:
+            patch.setenv("CBIR_MILVUS_URI", str(tmp_path_factory.mktemp("milvus") / "lite.db"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _needs_its_extra(request):
+    import importlib.util
+
+    kind = getattr(request.node, "callspec", None) and request.node.callspec.params.get("kind")
+    if kind == "milvus" and importlib.util.find_spec("pymilvus") is None:
+        pytest.skip("the milvus kind needs pymilvus: pip install 'cbir[milvus]'")
 
 
 @pytest.fixture(scope="module")
