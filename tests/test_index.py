@@ -6,6 +6,8 @@ load, honour ``exclude``, and refuse wrong arguments with a clear error.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -41,24 +43,24 @@ EXHAUSTIVE: dict[str, dict] = {
 EXACT_KINDS = [k for k in KINDS if not index_class(k).approximate]
 
 
+#: The milvus kind needs its extra (pymilvus, milvus-lite); without it its cases are skipped.
+HAS_PYMILVUS = importlib.util.find_spec("pymilvus") is not None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def milvus_lite(tmp_path_factory):
     """The milvus kind runs here on Milvus Lite, in a file of its own (tests/test_milvus.py
-    runs it on a real server too); without pymilvus its cases are skipped."""
-    import importlib.util
-
+    runs it on a real server too)."""
     with pytest.MonkeyPatch.context() as patch:
-        if importlib.util.find_spec("pymilvus") is not None:
+        if HAS_PYMILVUS:
             patch.setenv("CBIR_MILVUS_URI", str(tmp_path_factory.mktemp("milvus") / "lite.db"))
         yield
 
 
 @pytest.fixture(autouse=True)
-def _needs_its_extra(request):
-    import importlib.util
-
-    kind = getattr(request.node, "callspec", None) and request.node.callspec.params.get("kind")
-    if kind == "milvus" and importlib.util.find_spec("pymilvus") is None:
+def _skip_a_kind_without_its_extra(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec and callspec.params.get("kind") == "milvus" and not HAS_PYMILVUS:
         pytest.skip("the milvus kind needs pymilvus: pip install 'cbir[milvus]'")
 
 

@@ -153,6 +153,14 @@ def test_the_uri_never_carries_credentials_and_one_is_needed(tmp_path, monkeypat
         create_index("milvus", metric="euclidean", dim=4, uri="milvus.sqlite")
 
 
+def test_without_pymilvus_the_kind_says_what_to_install(monkeypatch):
+    from cbir.errors import UnavailableError
+
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if it were not installed
+    with pytest.raises(UnavailableError, match=r"pip install 'cbir\[milvus\]'"):
+        create_index("milvus", metric="euclidean", dim=4, uri="http://127.0.0.1:1")
+
+
 @pytest.fixture
 def colours(tmp_path):
     root = tmp_path / "images"

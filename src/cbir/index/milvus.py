@@ -37,6 +37,7 @@ kind is made: ``pip install 'cbir[milvus]'``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import threading
@@ -167,15 +168,20 @@ def _client(uri: str, access: MilvusSettings) -> Any:
         client = _clients.get(key)
         if client is None:
             pymilvus = import_pymilvus()
+            hint = ""
             if is_lite(uri):
+                if importlib.util.find_spec("milvus_lite") is None:
+                    raise UnavailableError(f"a Milvus Lite file needs milvus-lite; {INSTALL}")
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
+                hint = (
+                    " (one process at a time opens a Milvus Lite file: is another one using "
+                    "it? Several processes need a Milvus server)"
+                )
             try:
                 client = pymilvus.MilvusClient(uri=uri, token=access.token, db_name=access.db_name)
             except pymilvus.exceptions.MilvusException as exc:
-                lite = " (Milvus Lite: " + INSTALL + ")" if is_lite(uri) else ""
-                raise UnavailableError(
-                    f"cannot reach Milvus at {uri}{lite}: {exc.message}"
-                ) from None
+                message = f"cannot open Milvus at {uri}: {exc.message}{hint}"
+                raise UnavailableError(message) from None
             _clients[key] = client
     return client
 
@@ -531,7 +537,12 @@ class MilvusIndex:
             raise CorruptError(f"{path} keeps no vectors to re-rank with and none were given")
         index._width = width
         if width or len(index._ids):
-            index._check_server(path)
+            try:
+                index._check_server(path)
+            except UnavailableError as exc:
+                # rebuilt where the settings now say: if that is the same server, still down,
+                # the rebuild says so
+                raise CorruptError(f"{path}: {exc}; it will be rebuilt") from exc
         return index
 
     def _check_server(self, path: Path) -> None:
