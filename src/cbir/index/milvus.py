@@ -436,21 +436,24 @@ class MilvusIndex:
             drop = np.intersect1d(np.asarray(exclude, np.int64).reshape(-1), held)
             if len(drop):
                 expression = f"{FIELD_ID} not in [{','.join(map(str, drop.tolist()))}]"
-        level = "Strong" if self._strong else "Eventually"
-        self._strong = False  # before the search: a write meanwhile sets it again
-        with self._server("to search") as client:
-            results = client.search(
-                self.name,
-                data=list(embedded),
-                limit=wanted,
-                filter=expression,
-                output_fields=[FIELD_ID],
-                search_params={
-                    "metric_type": self.metric_type,
-                    "params": self._search_params(wanted, params),
-                },
-                consistency_level=level,
-            )
+        strong, self._strong = self._strong, False  # a write during the search sets it again
+        try:
+            with self._server("to search") as client:
+                results = client.search(
+                    self.name,
+                    data=list(embedded),
+                    limit=wanted,
+                    filter=expression,
+                    output_fields=[FIELD_ID],
+                    search_params={
+                        "metric_type": self.metric_type,
+                        "params": self._search_params(wanted, params),
+                    },
+                    consistency_level="Strong" if strong else "Eventually",
+                )
+        except BaseException:
+            self._strong = self._strong or strong  # the next search waits instead
+            raise
         S = np.zeros((len(embedded), wanted))
         ids = np.full((len(embedded), wanted), MISSING, np.int64)
         for row, hits in enumerate(results):  # one per query
