@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make demo   builds the environment, indexes a demo collection and answers a query
-#   make test   builds the environment and runs the tests (what CI runs)
+#   make test   builds the environment and runs the tests (what CI runs; they start and stop
+#               a local Milvus server themselves)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,deep,ray]"
+	$(BIN)/pip install --quiet -e ".[test,deep,ray,milvus,milvus-server]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_extract
 import bench_index
+import bench_milvus
 import bench_ray
 import bench_routes
 import bench_search
@@ -31,6 +32,7 @@ PARTS: dict[str, ModuleType] = {
     "scale": bench_index,
     "routes": bench_routes,
     "auto": eval_auto,
+    "milvus": bench_milvus,
 }
 
 

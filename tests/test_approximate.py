@@ -211,6 +211,12 @@ def test_cbir_index_builds_the_index_it_is_told_to_with_its_parameters(tmp_path,
     assert "saved indexes" in runner.invoke(app, ["info"], env=env).output
     bad = runner.invoke(app, ["index", str(colours), "--index-param", "M"], env=env)
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    # a parameter the kind does not take is named, with those it takes
+    query = next(p for p in sorted(colours.rglob("*")) if p.is_file())
+    args = ["search", str(query), "--index", "hnsw", "--uri", "http://127.0.0.1:19530"]
+    wrong = runner.invoke(app, args, env=env)
+    assert wrong.exit_code == 2, wrong.output
+    assert "takes no parameter 'uri'" in wrong.output and "ef_search" in wrong.output
 
 
 def test_a_collection_names_its_indexes_by_its_identity_not_its_path(tmp_path, colours):

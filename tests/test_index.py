@@ -6,11 +6,21 @@ load, honour ``exclude``, and refuse wrong arguments with a clear error.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
 from cbir.errors import CorruptError, InvalidRequestError
-from cbir.index import MISSING, ExactIndex, create_index, index_kinds, load_index, scan
+from cbir.index import (
+    MISSING,
+    ExactIndex,
+    create_index,
+    index_class,
+    index_kinds,
+    load_index,
+    scan,
+)
 from cbir.metrics import get_metric, metric_names
 from cbir.search import merge_min, ranked_ids, rrf_fuse
 
@@ -28,8 +38,30 @@ EXHAUSTIVE: dict[str, dict] = {
     "sq8": {"rerank": 64},
     "faiss": {"rerank": 64},
     "flat": {"rerank": 64},
+    "milvus": {"ef_search": 1024, "rerank": 64},
 }
-EXACT_KINDS = [k for k in KINDS if not create_index(k, metric="l2", dim=1).approximate]
+EXACT_KINDS = [k for k in KINDS if not index_class(k).approximate]
+
+
+#: The milvus kind needs its extra (pymilvus, milvus-lite); without it its cases are skipped.
+HAS_PYMILVUS = importlib.util.find_spec("pymilvus") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def milvus_lite(tmp_path_factory):
+    """The milvus kind runs here on Milvus Lite, in a file of its own (tests/test_milvus.py
+    runs it on a real server too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if HAS_PYMILVUS:
+            patch.setenv("CBIR_MILVUS_URI", str(tmp_path_factory.mktemp("milvus") / "lite.db"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _skip_a_kind_without_its_extra(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec and callspec.params.get("kind") == "milvus" and not HAS_PYMILVUS:
+        pytest.skip("the milvus kind needs pymilvus: pip install 'cbir[milvus]'")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,31 @@ def _env_int(name: str, default: int) -> int:
 
 
 @dataclass(frozen=True)
+class MilvusSettings:
+    """How the ``milvus`` index kind reaches a server when no ``uri`` parameter is given, and
+    the credentials it presents: read from the environment only. A token or a database name is
+    never a command-line flag (``ps`` shows every process's arguments) nor an index parameter
+    (those are written into the collection's index records).
+
+    ``CBIR_MILVUS_URI``: ``http(s)://HOST:19530`` (a server or a cluster's proxy) or a Milvus
+    Lite ``.db`` path; ``CBIR_MILVUS_TOKEN``: ``user:password`` or an API key;
+    ``CBIR_MILVUS_DB``: the database (Milvus's ``default`` when unset).
+    """
+
+    uri: str | None = None
+    token: str = field(default="", repr=False)
+    db_name: str = ""
+
+    @classmethod
+    def from_env(cls) -> MilvusSettings:
+        return cls(
+            uri=os.environ.get("CBIR_MILVUS_URI") or None,
+            token=os.environ.get("CBIR_MILVUS_TOKEN", ""),
+            db_name=os.environ.get("CBIR_MILVUS_DB", ""),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Run-time settings; ``Settings.from_env()`` reads the ``CBIR_*`` environment variables."""
 

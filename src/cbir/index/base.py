@@ -22,6 +22,7 @@ Conventions shared by every kind (the contract test in ``tests/test_index.py`` c
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pkgutil
 from collections.abc import Callable
@@ -139,8 +140,42 @@ def create_index(kind: str, *, metric: str | Metric, dim: int, **params: Any) ->
     """A new, empty index of ``kind`` for ``dim``-dimensional vectors under ``metric``."""
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise InvalidRequestError(f"dim must be a positive integer, got {dim!r}")
-    index: VectorIndex = index_class(kind)(metric, dim=dim, **params)
+    cls = index_class(kind)
+    allowed = index_parameters(cls)
+    unknown = sorted(set(params) - set(allowed) - set(MANAGED))
+    if unknown:
+        raise InvalidRequestError(
+            f"index kind {kind!r} takes no parameter {', '.join(map(repr, unknown))}; its "
+            f"parameters: {', '.join(allowed)}"
+        )
+    index: VectorIndex = cls(metric, dim=dim, **params)
     return index
+
+
+#: Parameters the index manager gives every kind (full vectors for a re-rank, a name for a
+#: server-held index, the folder of the collection's indexes); a kind takes or ignores them.
+MANAGED = ("source", "label", "home")
+
+
+def index_parameters(cls: type) -> list[str]:
+    """The parameters a user may set on an index kind: its constructor's keywords, through the
+    ``**params`` it passes on to its base classes, less those it fixes itself
+    (``fixed_parameters``) and those the manager gives (:data:`MANAGED`)."""
+    fixed = {"self", "metric", "dim", *MANAGED, *getattr(cls, "fixed_parameters", ())}
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        passes_on = False
+        for p in inspect.signature(init).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                passes_on = True
+            elif p.kind is not p.VAR_POSITIONAL and p.name not in fixed | set(names):
+                names.append(p.name)
+        if not passes_on:
+            break
+    return names
 
 
 def load_index(

@@ -96,6 +96,7 @@ def _positive(name: str, value: object) -> int:
     return int(value)
 
 
+@register_index
 class FaissIndex:
     """A FAISS index built from a factory string over a metric's route embedding.
 
@@ -107,6 +108,8 @@ class FaissIndex:
 
     kind: ClassVar[str] = "faiss"
     approximate: ClassVar[bool] = True
+    #: Constructor parameters a kind sets itself (the named kinds make their own factory).
+    fixed_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -464,6 +467,7 @@ class FlatIndex(FaissIndex):
     """FAISS's exact scan over the route embedding (exact routes only; no training)."""
 
     kind: ClassVar[str] = "flat"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(self, metric: str | Metric = "euclidean", *, dim: int, **params: Any) -> None:
         super().__init__(metric, dim=dim, factory="Flat", **params)
@@ -475,6 +479,7 @@ class HNSWIndex(FaissIndex):
     ``ef_search`` (per query: ``ef``) the breadth of the search."""
 
     kind: ClassVar[str] = "hnsw"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, M: int = DEFAULT_M, **params: Any
@@ -487,6 +492,7 @@ class HNSWSQIndex(FaissIndex):
     """HNSW over 8-bit scalar-quantised vectors: a quarter of the memory, re-ranked exactly."""
 
     kind: ClassVar[str] = "hnsw-sq"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, M: int = DEFAULT_M, **params: Any
@@ -499,6 +505,7 @@ class SQ8Index(FaissIndex):
     """A scan over 8-bit scalar-quantised vectors, re-ranked exactly."""
 
     kind: ClassVar[str] = "sq8"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(self, metric: str | Metric = "euclidean", *, dim: int, **params: Any) -> None:
         super().__init__(metric, dim=dim, factory="SQ8", **params)
@@ -510,6 +517,7 @@ class IVFFlatIndex(FaissIndex):
     cells searched per query."""
 
     kind: ClassVar[str] = "ivf-flat"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(
         self,
@@ -532,6 +540,7 @@ class IVFPQIndex(FaissIndex):
     of the width), re-ranked exactly on the full vectors: the least memory per image."""
 
     kind: ClassVar[str] = "ivf-pq"
+    fixed_parameters: ClassVar[tuple[str, ...]] = ("factory",)
 
     def __init__(
         self,
