@@ -60,7 +60,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +73,7 @@ from cbir.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cbir.names import BYTES_MARK, from_stored, to_stored
 
 #: The catalogue format this code writes (and the newest it reads). 2 added the change feed.
 FORMAT_VERSION = 2
@@ -96,9 +97,6 @@ COMPACT_BLOCK_ROWS = 65536
 #: How long an SQLite statement waits for a lock held by another connection (WAL checkpoints,
 #: two processes creating the same new collection) before it fails.
 SQLITE_TIMEOUT_SECONDS = 30.0
-#: Snapshots a read tries when the segment files its snapshot names were compacted away under
-#: it; compaction runs at most once per write, so a second snapshot almost always suffices.
-READ_ATTEMPTS = 3
 #: The oldest SQLite with what the catalogue's statements use (RETURNING; JSON functions, which
 #: SQLite builds in from 3.38 and distributions enabled before).
 MIN_SQLITE = (3, 35, 0)
@@ -218,6 +216,7 @@ class ImageRecord:
     size: int | None
     mtime_ns: int | None
     status: str
+    #: why it was skipped; for an image kept, what was odd about it (notes), or None
     reason: str | None
     label: str | None
     width: int | None = None
@@ -233,6 +232,7 @@ class ImageUpdate:
     mtime_ns: int | None
     sha256: str | None
     status: str  # "ok" | "skipped" | "unchanged"
+    #: why it was skipped; for an image kept, what was odd about it (notes), or None
     reason: str | None = None
     label: str | None = None
     width: int | None = None
@@ -278,13 +278,11 @@ class Store:
                 "--collection / CBIR_COLLECTION)"
             )
         self._path = self.root / "catalogue.sqlite"
-        if not self._path.exists():
-            if not create:
-                raise NotFoundError(
-                    f"no collection at {self.root} (run `cbir index DIR` to create one, "
-                    "or choose another with --collection / CBIR_COLLECTION)"
-                )
-            self.root.mkdir(parents=True, exist_ok=True)
+        if not create and not self._path.exists():
+            raise NotFoundError(
+                f"no collection at {self.root} (run `cbir index DIR` to create one, "
+                "or choose another with --collection / CBIR_COLLECTION)"
+            )
         self._local = threading.local()
         # what searches read on every query (descriptors, generations, hit names), kept until
         # the catalogue changes: (change token, value) by what it is
@@ -298,23 +296,27 @@ class Store:
         self._write_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._lock_file: Any = None
-        try:
-            if sqlite3.sqlite_version_info < MIN_SQLITE:
-                raise UnavailableError(
-                    f"cbir needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python "
-                    f"has {sqlite3.sqlite_version}"
-                )
-            db = self._conn()
-            version = self._read_format(db)
-            if version is None:
-                db.execute("PRAGMA journal_mode=WAL")  # persists in the file
-                self._create(db)
-                version = FORMAT_VERSION
-            self._check_format(version)
-            self._format = version
-        except BaseException:
-            self._close_connections()
-            raise
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise UnavailableError(
+                f"cbir needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python "
+                f"has {sqlite3.sqlite_version}"
+            )
+        #: the catalogue's format; None until a new collection is made, on first use, so that
+        #: a command that fails before it reads or writes anything leaves no empty collection
+        self._format: int | None = None
+        self._create_lock = threading.Lock()
+        if self._path.exists():
+            self._conn()
+
+    def _prepare(self, db: sqlite3.Connection) -> int:
+        """Check (or create) the catalogue on the first connection; returns its format."""
+        version = self._read_format(db)
+        if version is None:
+            db.execute("PRAGMA journal_mode=WAL")  # persists in the file
+            self._create(db)
+            version = FORMAT_VERSION
+        self._check_format(version)
+        return version
 
     # -- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -332,12 +334,27 @@ class Store:
         self.close()
 
     def _conn(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
+        """This thread's connection, opened on first use (the first one of a new collection
+        makes its directory and catalogue)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             return db
         if self._closed:
             raise sqlite3.ProgrammingError(f"the store of {self.root} is closed")
+        with self._create_lock:
+            if self._format is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                db = self._connect()
+                try:
+                    self._format = self._prepare(db)
+                except BaseException:
+                    self._close_connections()
+                    raise
+                return db
+        return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open this thread's connection."""
         try:
             # check_same_thread=False only so that close() may close every thread's connection;
             # each connection is used by its own thread alone
@@ -458,6 +475,8 @@ class Store:
     def _has_feed(self) -> bool:
         """Whether the catalogue has the change feed yet (another process may have just
         upgraded it)."""
+        self._conn()
+        assert self._format is not None  # set by the first connection
         if self._format < FORMAT_VERSION:
             self._format = self._read_format(self._conn()) or FORMAT_VERSION
         return self._format >= FORMAT_VERSION
@@ -492,18 +511,23 @@ class Store:
             db.execute("COMMIT")  # ends the read snapshot; nothing was written
 
     def _read_segments(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``read`` in a snapshot, again in a fresh one if its segment files were compacted
-        away meanwhile; a file missing from the newest snapshot is corruption."""
-        for attempt in range(READ_ATTEMPTS):
+        """``read`` in a snapshot, again in a fresh one as long as the segment file it found
+        gone is no longer named by the newest snapshot (compacted away meanwhile, as often as
+        that happens); a file missing that the newest snapshot still names is corruption."""
+        while True:
             try:
                 with self._snapshot() as db:
                     return read(db)
             except _SegmentVanishedError as gone:
-                if attempt == READ_ATTEMPTS - 1:
+                if self._conn().in_transaction or self._names_segment(gone.path.name):
                     raise CorruptError(
                         f"vector file {gone.path} is missing or unreadable: {gone.cause}"
                     ) from gone.cause
-        raise AssertionError("unreachable")
+
+    def _names_segment(self, file: str) -> bool:
+        """Whether the newest committed state still names this segment file."""
+        row = self._conn().execute("SELECT 1 FROM segments WHERE file = ?", (file,)).fetchone()
+        return row is not None
 
     # -- the writer ----------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -513,6 +537,7 @@ class Store:
         me = threading.current_thread()
         if self._writer is me:
             return
+        self._conn()  # a new collection is made now, before its lock file
         if not self._write_lock.acquire(blocking=False):
             raise BusyError(
                 f"{self.root} is being written by another thread of this process; "
@@ -690,7 +715,7 @@ class Store:
         if status is not None:
             sql += " WHERE status = ?"
             args = (status,)
-        return [ImageRecord(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        return [_image_record(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
     def image_by_path(self, path: str) -> ImageRecord | None:
         """The catalogue row of the image at ``path``, if it has one."""
@@ -698,20 +723,34 @@ class Store:
             self._conn()
             .execute(
                 f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?",
-                (path,),
+                (to_stored(path),),
             )
             .fetchone()
         )
-        return None if row is None else ImageRecord(*row)
+        return None if row is None else _image_record(row)
 
     def ids_under(self, path: str) -> list[int]:
         """Ids of the image at ``path`` or of every image below the folder ``path``."""
         prefix = path.rstrip(os.sep) + os.sep
-        rows = self._conn().execute(
-            "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
-            (path, len(prefix), prefix),
-        )
-        return [r[0] for r in rows]
+        stored = to_stored(prefix)
+        db = self._conn()
+        found = []
+        if not stored.startswith(BYTES_MARK):
+            found = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
+                    (to_stored(path), len(stored), stored),
+                )
+            ]
+        # names stored as bytes (see cbir.names) are few: compared here, decoded
+        for image_id, name in db.execute(
+            "SELECT id, path FROM images WHERE substr(path, 1, 1) = ?", (BYTES_MARK,)
+        ).fetchall():
+            text = from_stored(name) or ""
+            if text == path or text.startswith(prefix):
+                found.append(image_id)
+        return found
 
     def present_descriptors(self) -> dict[int, set[int]]:
         """image id -> ids of the descriptors it has vectors for."""
@@ -751,7 +790,7 @@ class Store:
             f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps(ids),),
         )
-        found = {r[0]: ImageRecord(*r) for r in rows}
+        found = {r[0]: _image_record(r) for r in rows}
         return [found[i] for i in ids]
 
     def names(self, image_ids: Sequence[int] | np.ndarray) -> list[tuple[str, str | None]]:
@@ -769,14 +808,15 @@ class Store:
             )
             if len(known) > MAX_CACHED_NAMES:
                 known.clear()
-            known.update((r[0], (r[1], r[2])) for r in rows)
+            known.update((r[0], (from_stored(r[1]), from_stored(r[2]))) for r in rows)
         return [known[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:
         """Set the label of images by path."""
         with self._writing(), self._transaction() as db:
             db.executemany(
-                "UPDATE images SET label = ? WHERE path = ?", [(v, k) for k, v in labels.items()]
+                "UPDATE images SET label = ? WHERE path = ?",
+                [(None if v is None else to_stored(v), to_stored(k)) for k, v in labels.items()],
             )
 
     def remove_images(self, image_ids: Iterable[int]) -> int:
@@ -822,7 +862,11 @@ class Store:
                     np.stack([u.vectors[record.spec] for u in rows]), np.float32
                 )
                 staged.append(
-                    (record, self._write_segment(record.id, matrix), [u.path for u in rows])
+                    (
+                        record,
+                        self._write_segment(record.id, matrix),
+                        [to_stored(u.path) for u in rows],
+                    )
                 )
             now = time.time()
             with self._transaction() as db:
@@ -830,7 +874,7 @@ class Store:
                     "UPDATE images SET mtime_ns = ?, size = ?, label = COALESCE(?, label), "
                     "updated_at = ? WHERE path = ?",
                     [
-                        (u.mtime_ns, u.size, u.label, now, u.path)
+                        (u.mtime_ns, u.size, _stored_label(u), now, to_stored(u.path))
                         for u in updates
                         if u.status == "unchanged"
                     ],
@@ -847,7 +891,7 @@ class Store:
                     [(*_image_columns(u), now) for u in updates if u.status != "unchanged"],
                 )
                 feed = _Feed(db)
-                skipped = [u.path for u in updates if u.status == "skipped"]
+                skipped = [to_stored(u.path) for u in updates if u.status == "skipped"]
                 if skipped:
                     _fill_scratch(db, skipped, by_path=True)
                     feed.remove_scratch()
@@ -1280,8 +1324,23 @@ def _fill_scratch(db: sqlite3.Connection, values: Sequence[Any], *, by_path: boo
     db.execute(f"INSERT OR IGNORE INTO {_SCRATCH} (id) {source}", (json.dumps(list(values)),))
 
 
+def _stored_label(u: ImageUpdate) -> str | None:
+    return None if u.label is None else to_stored(u.label)
+
+
 def _image_columns(u: ImageUpdate) -> tuple[Any, ...]:
-    return (u.path, u.sha256, u.size, u.mtime_ns, u.status, u.reason, u.label, u.width, u.height)
+    # a reason is text for people: an undecodable byte in one is shown escaped
+    reason = None if u.reason is None else u.reason.encode("utf-8", "backslashreplace").decode()
+    return (to_stored(u.path), u.sha256, u.size, u.mtime_ns, u.status,
+            reason, _stored_label(u), u.width, u.height)  # fmt: skip
+
+
+def _image_record(row: Sequence[Any]) -> ImageRecord:
+    """A catalogue row as a record, its name and label as they were given (cbir.names)."""
+    record = ImageRecord(*row)
+    if record.path.startswith(BYTES_MARK) or (record.label or "").startswith(BYTES_MARK):
+        record = replace(record, path=from_stored(record.path), label=from_stored(record.label))
+    return record
 
 
 def _insert_segment(db: sqlite3.Connection, descriptor_id: int, file: str, rows: int) -> int:
