@@ -507,6 +507,40 @@ def _print_indexes(indexes: list[dict[str, Any]]) -> None:
 
 
 @app.command()
+def check(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Remove what cannot be trusted (orphans, vectors without their file, images "
+            "without vectors) so that the next cbir index redoes it.",
+        ),
+    ] = False,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify the collection: catalogue, vectors, segment files, fitted states, indexes; exits
+    non-zero when something cannot be trusted."""
+    with _user_errors():
+        col = _open(collection)
+        report = col.check(repair=repair)
+        col.close()
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        for f in report.repaired:
+            out.print(f"[green]repaired[/] {_shown(f.message)}", highlight=False)
+        for f in report.findings:
+            tag = "[bold red]error[/]" if f.error else "[yellow]note[/]"
+            out.print(f"{tag} {_shown(f.message)}", highlight=False)
+        looked = ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in report.checked.items())
+        verdict = "OK" if report.ok else f"{len(report.errors)} problems"
+        out.print(f"{_shown(report.path)}: {verdict} ({looked})", highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CODES[errors.CorruptError.kind])
+
+
+@app.command()
 def remove(
     paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders to drop.")] = None,
     missing: Annotated[

@@ -195,6 +195,22 @@ class _SegmentVanishedError(Exception):
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One thing a check found (``cbir check``): ``what`` names its kind, ``message`` says it
+    in words; an ``error`` cannot be trusted, a note is harmless or redone by the next run;
+    ``repaired`` when the check removed it."""
+
+    what: str
+    message: str
+    error: bool
+    repaired: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "message": self.message, "error": self.error,
+                "repaired": self.repaired}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DescriptorRecord:
     """A descriptor a collection holds vectors for."""
 
@@ -593,21 +609,29 @@ class Store:
     def _segment_path(self, descriptor_id: int, file: str) -> Path:
         return self.root / "vectors" / str(descriptor_id) / file
 
-    def _remove_orphans(self) -> None:
-        """Delete vector files no committed segment refers to (left by a killed run)."""
+    def _orphan_files(self) -> list[Path]:
+        """Vector files no committed segment refers to (left by a killed run)."""
         vectors_dir = self.root / "vectors"
         if not vectors_dir.is_dir():
-            return
+            return []
         known = {
             (str(r["descriptor_id"]), r["file"])
             for r in self._conn().execute("SELECT descriptor_id, file FROM segments")
         }
-        for sub in vectors_dir.iterdir():
-            if not sub.is_dir():
-                continue
-            for f in sub.iterdir():
-                if (sub.name, f.name) not in known:
-                    f.unlink(missing_ok=True)
+        return [
+            f
+            for sub in vectors_dir.iterdir()
+            if sub.is_dir()
+            for f in sub.iterdir()
+            if (sub.name, f.name) not in known
+        ]
+
+    def _remove_orphans(self) -> None:
+        """Delete vector files no committed segment refers to (left by a killed run)."""
+        for f in self._orphan_files():
+            f.unlink(missing_ok=True)
+        vectors_dir = self.root / "vectors"
+        for sub in vectors_dir.iterdir() if vectors_dir.is_dir() else ():
             with contextlib.suppress(OSError):
                 sub.rmdir()  # only succeeds when empty (a dropped descriptor)
 
@@ -1202,6 +1226,216 @@ class Store:
         return True
 
 
+    # -- checking ----------------------------------------------------------------------------
+    def writer_active(self) -> bool:
+        """Whether another process (or thread) is writing the collection now."""
+        if self._writer is not None:
+            return self._writer is not threading.current_thread()
+        lock = self.root / "lock"
+        if not lock.exists():
+            return False
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    def verify(self, *, repair: bool = False) -> tuple[list[Finding], dict[str, int]]:
+        """Check the catalogue and the vector files against each other (``cbir check``).
+
+        Errors are what cannot be trusted: the catalogue's own integrity, segment files listed
+        but missing, unreadable or of the wrong shape, rows past a file's end, vectors that are
+        not finite, vectors of skipped images, duplicate paths, a change feed out of order.
+        Notes are harmless: files no segment lists (left by a killed run), good images still
+        lacking a descriptor's vectors (the next ``cbir index`` extracts them). With ``repair``
+        (the caller holds the writer) what cannot be trusted is removed, each removal of vectors
+        logged in the change feed, so the next ``cbir index`` redoes those images and indexes
+        follow. Returns the findings and what was looked at.
+        """
+        if repair and self._writer is not threading.current_thread():
+            raise BusyError("repairing needs the writer: call acquire() first")
+        findings: list[Finding] = []
+        db = self._conn()
+        seen = {"images": 0, "vectors": 0, "segments": 0}
+        problems = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+        if problems != ["ok"]:
+            findings.append(Finding("catalogue", "the catalogue is damaged: "
+                                    + "; ".join(problems[:5]), error=True))  # fmt: skip
+            return findings, seen  # nothing below can be believed
+        seen["images"] = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        dupes = db.execute(
+            "SELECT path, COUNT(*) FROM images GROUP BY path HAVING COUNT(*) > 1"
+        ).fetchall()
+        if dupes:
+            findings.append(Finding("duplicate-paths", f"{len(dupes)} paths are catalogued "
+                                    "more than once", error=True, repaired=repair))  # fmt: skip
+            if repair:
+                with self._transaction() as tx:
+                    tx.execute("DELETE FROM images WHERE id NOT IN "
+                               "(SELECT MIN(id) FROM images GROUP BY path)")  # fmt: skip
+        self._verify_feed(findings, repair)
+        for record in self.descriptors():
+            self._verify_descriptor(record, findings, seen, repair)
+        self._verify_skipped(findings, repair)
+        orphans = self._orphan_files()
+        if orphans:
+            busy = "; a writer is running, and may be about to list them" if (
+                self.writer_active()) else ""  # fmt: skip
+            findings.append(Finding("orphan-files", f"{len(orphans)} vector files are listed by "
+                                    f"no segment (left by a killed run: harmless, deleted by the "
+                                    f"next writer){busy}", error=False,
+                                    repaired=repair))  # fmt: skip
+            if repair:
+                self._remove_orphans()
+        bare = db.execute(
+            "SELECT COUNT(*) FROM images WHERE status = 'ok' AND id NOT IN "
+            "(SELECT image_id FROM vectors)"
+        ).fetchone()[0]
+        if bare:
+            findings.append(Finding("images-without-vectors", f"{bare} images have no vectors "
+                                    "at all (the next cbir index extracts them)", error=False,
+                                    repaired=repair))  # fmt: skip
+            if repair:  # as if never indexed: the next run redoes them from the start
+                with self._transaction() as tx:
+                    tx.execute("DELETE FROM images WHERE status = 'ok' AND id NOT IN "
+                               "(SELECT image_id FROM vectors)")  # fmt: skip
+        return findings, seen
+
+    def _verify_feed(self, findings: list[Finding], repair: bool) -> None:
+        """Every descriptor has a feed; its log lies between its floor and its generation."""
+        if not self._has_feed():
+            return
+        db = self._conn()
+        bad = db.execute(
+            "SELECT d.id FROM descriptors d LEFT JOIN feed f ON f.descriptor_id = d.id "
+            "WHERE f.descriptor_id IS NULL OR f.generation < f.floor OR EXISTS (SELECT 1 FROM "
+            "changes c WHERE c.descriptor_id = d.id AND (c.generation > f.generation "
+            "OR c.generation <= f.floor))"
+        ).fetchall()
+        if bad:
+            findings.append(Finding("change-feed", f"the change feed of {len(bad)} descriptors "
+                                    "is out of order (indexes of them cannot be caught up)",
+                                    error=True, repaired=repair))  # fmt: skip
+            if repair:  # a reset: every index of them is rebuilt
+                with self._transaction() as tx:
+                    tx.execute("INSERT OR IGNORE INTO feed SELECT id, 0, 0, 0, 0 FROM descriptors")
+                    feed = _Feed(tx)
+                    for (descriptor_id,) in bad:
+                        feed.reset(descriptor_id)
+
+    def _verify_descriptor(
+        self, record: DescriptorRecord, findings: list[Finding], seen: dict[str, int],
+        repair: bool,
+    ) -> None:  # fmt: skip
+        """One descriptor's segments and vectors: present, of its shape, finite."""
+        db = self._conn()
+        label = record.spec
+        segments = db.execute(
+            "SELECT id, file, rows FROM segments WHERE descriptor_id = ?", (record.id,)
+        ).fetchall()
+        table = np.array(
+            db.execute(
+                "SELECT image_id, segment_id, row FROM vectors WHERE descriptor_id = ? "
+                "ORDER BY segment_id, row",
+                (record.id,),
+            ).fetchall(),
+            dtype=np.int64,
+        ).reshape(-1, 3)
+        seen["segments"] += len(segments)
+        seen["vectors"] += len(table)
+        untrusted: list[np.ndarray] = []
+        listed = {int(s["id"]) for s in segments}
+        unlisted = table[~np.isin(table[:, 1], list(listed))] if len(table) else table
+        if len(unlisted):
+            findings.append(Finding("vectors-without-segment", f"{len(unlisted)} vectors of "
+                                    f"{label} name a segment the catalogue lacks", error=True,
+                                    repaired=repair))  # fmt: skip
+            untrusted.append(unlisted[:, 0])
+        for seg in segments:
+            rows = table[table[:, 1] == seg["id"]]
+            path = self._segment_path(record.id, seg["file"])
+            try:
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                shape_ok = mapped.dtype == np.float32 and mapped.shape == (seg["rows"], record.dim)
+            except (OSError, ValueError) as exc:
+                mapped, shape_ok, why = None, False, f"missing or unreadable ({exc})"
+            else:
+                why = f"of shape {mapped.shape} {mapped.dtype}, not ({seg['rows']}, {record.dim})"
+            if not shape_ok:
+                findings.append(Finding("segment-file", f"vector file {path} of {label} is "
+                                        f"{why}: {len(rows)} vectors lost", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[:, 0])
+                continue
+            past = rows[:, 2] >= seg["rows"]
+            if past.any():
+                findings.append(Finding("rows-past-end", f"{int(past.sum())} vectors of {label} "
+                                        f"point past the end of {path}", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[past, 0])
+                rows = rows[~past]
+            finite = np.ones(len(rows), dtype=bool)
+            for lo in range(0, len(rows), COMPACT_BLOCK_ROWS):
+                block = np.asarray(mapped[rows[lo : lo + COMPACT_BLOCK_ROWS, 2]])
+                finite[lo : lo + COMPACT_BLOCK_ROWS] = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                findings.append(Finding("not-finite", f"{int((~finite).sum())} vectors of "
+                                        f"{label} hold NaN or infinite values", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[~finite, 0])
+        lacking = db.execute(
+            "SELECT COUNT(*) FROM images WHERE status = 'ok' AND id NOT IN "
+            "(SELECT image_id FROM vectors WHERE descriptor_id = ?)",
+            (record.id,),
+        ).fetchone()[0]
+        if lacking:
+            findings.append(Finding("lacking-vectors", f"{lacking} images lack {label} vectors "
+                                    "(the next cbir index extracts them)",
+                                    error=False))  # fmt: skip
+        if repair and untrusted:
+            self._drop_vectors(record.id, np.unique(np.concatenate(untrusted)))
+            self.compact(record.id, force=True)
+
+    def _verify_skipped(self, findings: list[Finding], repair: bool) -> None:
+        """A skipped image has no vectors (they would be found by searches)."""
+        ids = [r[0] for r in self._conn().execute(
+            "SELECT DISTINCT image_id FROM vectors WHERE image_id IN "
+            "(SELECT id FROM images WHERE status = 'skipped')"
+        )]  # fmt: skip
+        if not ids:
+            return
+        findings.append(Finding("vectors-of-skipped", f"{len(ids)} skipped images have vectors",
+                                error=True, repaired=repair))  # fmt: skip
+        if repair:
+            for record in self.descriptors():
+                self._drop_vectors(record.id, np.asarray(ids, np.int64))
+
+    def _drop_vectors(self, descriptor_id: int, image_ids: np.ndarray) -> None:
+        """Remove some vectors of a descriptor, logged as removed in its change feed."""
+        with self._transaction() as db:
+            _fill_scratch(db, image_ids.tolist())
+            feed = _Feed(db)
+            feed.remove_scratch_of(descriptor_id)
+            db.execute(
+                f"DELETE FROM vectors WHERE descriptor_id = ? AND image_id IN "
+                f"(SELECT id FROM {_SCRATCH})",
+                (descriptor_id,),
+            )
+            feed.finish()
+
+    def clear_vectors(self, descriptor_id: int) -> None:
+        """Drop every vector of a descriptor (a reset of its change feed), e.g. when what it
+        learned is lost: the next ``cbir index`` fits and extracts it again."""
+        with self._writing():
+            with self._transaction() as db:
+                _Feed(db).reset(descriptor_id)
+                db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+                db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
+            self._state_path(descriptor_id).unlink(missing_ok=True)
+            self.compact(descriptor_id)
+
 class _Feed:
     """The change feed inside one write transaction: bumps each descriptor it touches once,
     logs the image ids, and prunes the log to its bound when the transaction is done."""
@@ -1250,13 +1484,17 @@ class _Feed:
             f"(SELECT id FROM {_SCRATCH})"
         ).fetchall()
         for (descriptor_id,) in touched:
-            self._log(
-                descriptor_id,
-                _REMOVED,
-                f"SELECT image_id FROM vectors WHERE descriptor_id = ? "
-                f"AND image_id IN (SELECT id FROM {_SCRATCH})",
-                (descriptor_id,),
-            )
+            self.remove_scratch_of(descriptor_id)
+
+    def remove_scratch_of(self, descriptor_id: int) -> None:
+        """Log as removed the vectors of one descriptor of the images in the scratch table."""
+        self._log(
+            descriptor_id,
+            _REMOVED,
+            f"SELECT image_id FROM vectors WHERE descriptor_id = ? "
+            f"AND image_id IN (SELECT id FROM {_SCRATCH})",
+            (descriptor_id,),
+        )
 
     def reset(self, descriptor_id: int) -> None:
         """Every vector of the descriptor is dropped: the log restarts at the new generation."""
