@@ -105,10 +105,8 @@ def _check_states(store: Store, findings: list[Finding], repair: bool) -> int:
             why = f"{label} has vectors but what it learned from the collection is missing"
         else:
             continue
-        findings.append(
-            Finding("fitted-state", f"{why}: its vectors cannot be trusted (the next cbir index "
-                    "fits it again)", error=True, repaired=repair)  # fmt: skip
-        )
+        message = f"{why}: its vectors cannot be trusted (the next cbir index fits it again)"
+        findings.append(Finding("fitted-state", message, error=True, repaired=repair))
         if repair:
             store.clear_vectors(record.id)
     return checked
