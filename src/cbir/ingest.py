@@ -26,6 +26,7 @@ from cbir.config import Settings
 from cbir.errors import InvalidRequestError, NotFoundError
 from cbir.executors import executor_for
 from cbir.extraction import Task, extract_arrays
+from cbir.faults import pause_point
 from cbir.features import Descriptor, create_descriptor
 from cbir.store import DescriptorRecord, ImageUpdate, Store
 
@@ -254,6 +255,7 @@ class Ingest:
             batch.take(update)
 
         def on_result(update: ImageUpdate) -> None:
+            pause_point("extract")
             batch.take(update)
             if run.progress is not None:
                 run.progress(batch.done, len(tasks))

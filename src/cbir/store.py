@@ -73,6 +73,7 @@ from cbir.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cbir.faults import pause_point
 from cbir.names import BYTES_MARK, from_stored, to_stored
 
 #: The catalogue format this code writes (and the newest it reads). 2 added the change feed.
@@ -610,15 +611,17 @@ class Store:
         return self.root / "vectors" / str(descriptor_id) / file
 
     def _orphan_files(self) -> list[Path]:
-        """Vector files no committed segment refers to (left by a killed run)."""
+        """Vector files no committed segment refers to, and half-saved fitted states (left by
+        a killed run)."""
+        half_saved = sorted((self.root / "models").glob(".tmp-*"))
         vectors_dir = self.root / "vectors"
         if not vectors_dir.is_dir():
-            return []
+            return half_saved
         known = {
             (str(r["descriptor_id"]), r["file"])
             for r in self._conn().execute("SELECT descriptor_id, file FROM segments")
         }
-        return [
+        return half_saved + [
             f
             for sub in vectors_dir.iterdir()
             if sub.is_dir()
@@ -855,6 +858,7 @@ class Store:
                     f"DELETE FROM images WHERE id IN (SELECT id FROM {_SCRATCH})"
                 ).rowcount
                 feed.finish()
+                pause_point("remove-commit")
             for d in self.descriptors():
                 self.compact(d.id)
         return removed
@@ -893,6 +897,7 @@ class Store:
                     )
                 )
             now = time.time()
+            pause_point("batch-files")
             with self._transaction() as db:
                 db.executemany(
                     "UPDATE images SET mtime_ns = ?, size = ?, label = COALESCE(?, label), "
@@ -930,6 +935,7 @@ class Store:
                     )
                     feed.log_segment(record.id, seg)
                 feed.finish()
+                pause_point("batch-commit")
         except BaseException:
             for record, file, _ in staged:
                 self._segment_path(record.id, file).unlink(missing_ok=True)
@@ -1124,8 +1130,8 @@ class Store:
     ) -> None:
         """Keep what a descriptor learned (arrays only, no pickles), replacing any earlier fit;
         vectors made with an earlier fit are dropped with it (a reset of its change feed).
-        Temp name, fsync, atomic rename. ``images``: how many images it learned from (see
-        :meth:`fitted_images`)."""
+        Temp name, fsync, the transaction that drops the vectors, then the atomic rename.
+        ``images``: how many images it learned from (see :meth:`fitted_images`)."""
         with self._writing():
             path = self._state_path(descriptor_id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1134,6 +1140,7 @@ class Store:
                 np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
                 fh.flush()
                 os.fsync(fh.fileno())
+            pause_point("state-file")
             with self._transaction() as db:
                 _Feed(db).reset(descriptor_id)
                 db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
@@ -1143,7 +1150,11 @@ class Store:
                         "INSERT INTO meta VALUES (?, ?)",
                         (f"fitted_images:{descriptor_id}", str(int(images))),
                     )
-                os.replace(tmp, path)
+                pause_point("state-commit")
+            # after the commit: a run killed before it keeps the old state with the vectors it
+            # made; killed between the two, the old state stays with no vectors (the next run
+            # extracts them with it); either way vectors never meet a state they were not made by
+            os.replace(tmp, path)
             self.compact(descriptor_id)
 
     def fitted_images(self, descriptor_id: int) -> int | None:
@@ -1201,6 +1212,7 @@ class Store:
                     self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
             return False
         new_file, ids = self._rewrite_live_rows(descriptor_id, live)
+        pause_point("compact-files")
         with self._transaction() as tx:
             if new_file is not None:
                 seg = _insert_segment(tx, descriptor_id, new_file, len(ids))
@@ -1220,6 +1232,8 @@ class Store:
                     (seg, descriptor_id),
                 )
             tx.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in segs])
+            pause_point("compact-commit")
+        pause_point("compact-unlink")
         # only now, after the commit that stops naming them: readers of older snapshots retry
         for s in segs:
             self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
