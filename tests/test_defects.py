@@ -105,8 +105,9 @@ def test_a_read_survives_compactions_that_keep_removing_its_files(tmp_path: Path
             writer.compact(record.id, force=True)  # the file this read named is gone now
         return opened(descriptor_id, file)
 
-    reader._open_segment = open_after_a_compaction  # type: ignore[method-assign]
-    _, vectors = reader.load_vectors(record.id)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(reader, "_open_segment", open_after_a_compaction)
+        _, vectors = reader.load_vectors(record.id)
     assert vectors[:, 0].tolist() == [0.0, 1.0, 2.0] and compactions["left"] == 0
     reader.close()
     writer.close()
@@ -139,13 +140,10 @@ def test_a_large_file_that_is_no_image_is_refused_without_being_read(tmp_path: P
         reads.append(len(chunk))
         return chunk
 
-    os_read = images.os.read
-    images.os.read = counting_read  # type: ignore[assignment]
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(images.os, "read", counting_read)
         with pytest.raises(images.ImageError, match="not an image file"):
             images.read_file(sparse, 2 << 30)
-    finally:
-        images.os.read = os_read  # type: ignore[assignment]
     assert sum(reads) <= images.SNIFF_BYTES
 
 
