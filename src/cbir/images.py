@@ -353,7 +353,8 @@ def _decode(
     stored = im.size  # after any draft reduction
     _apply_orientation(im)
     swapped = im.size != stored  # EXIF orientations 5-8 swap width and height
-    result = _shrink(_to_rgb(im), max_side)
+    reduce_to = None if im.format in _DRAFT_FORMATS else draft_side  # a draft did it already
+    result = _shrink(_to_rgb(im, reduce_to), max_side)
     result.info["original_size"] = (height, width) if swapped else (width, height)
     return result
 
@@ -394,11 +395,27 @@ def _apply_orientation(im: Image.Image) -> None:
         ImageOps.exif_transpose(im, in_place=True)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB (transparency over white, high bit depths stretched)."""
+def _reduced(im: Image.Image, side: int | None) -> Image.Image:
+    """Box-average ``im`` by the largest whole factor that keeps its longer side at least
+    ``side``: what a JPEG's draft does while decoding, for the formats that have none, so a huge
+    PNG or TIFF is converted and copied at about the size the descriptors need, not its own."""
+    factor = 0 if side is None else max(im.size) // side
+    return im.reduce(factor) if factor >= 2 else im
+
+
+def _to_rgb(im: Image.Image, reduce_to: int | None = None) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB (transparency over white, high bit depths stretched);
+    with ``reduce_to``, reduced (:func:`_reduced`) as early as gives the same pixels: grey and
+    RGB before converting, other modes (alpha is composited per pixel) after."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        im = _stretch_to_8bit(im)
+    if im.mode in ("L", "RGB") and "transparency" not in im.info:
+        im, reduce_to = _reduced(im, reduce_to), None
+    return _reduced(_as_rgb(im), reduce_to)
+
+
+def _as_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
-    if mode in _HIGH_DEPTH_MODES:
-        return _stretch_to_8bit(im).convert("RGB")
     if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
