@@ -17,7 +17,9 @@ rest, so a huge file that is no image (a disk image named ``.jpg``) costs one sm
 Why decoding is bounded: before any pixel is decoded, the size in the header is checked against
 ``max_pixels``, and the bytes the decode will allocate (pixels x bytes per pixel, as Pillow
 stores the mode, after a JPEG's reduced-scale draft) against ``max_decode_bytes``; high bit
-depths are stretched to 8 bits block by block, never as a full-size float copy. A JPEG whose
+depths are stretched to 8 bits block by block, never as a full-size float copy, and a large image
+of a format without a draft is box-reduced to about the size the descriptors need before its mode
+is converted or it is copied. A JPEG whose
 header claims far more pixels than its data could hold is refused as truncated, because the
 decoder would silently fill the missing part with grey. Pillow's warnings (a corrupt EXIF block)
 do not reach stderr: they become notes on the image (``image.info["notes"]``).
