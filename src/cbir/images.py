@@ -19,10 +19,10 @@ Why decoding is bounded: before any pixel is decoded, the size in the header is 
 stores the mode, after a JPEG's reduced-scale draft) against ``max_decode_bytes``; high bit
 depths are stretched to 8 bits block by block, never as a full-size float copy, and a large image
 of a format without a draft is box-reduced to about the size the descriptors need before its mode
-is converted or it is copied. A JPEG whose
-header claims far more pixels than its data could hold is refused as truncated, because the
-decoder would silently fill the missing part with grey. Pillow's warnings (a corrupt EXIF block)
-do not reach stderr: they become notes on the image (``image.info["notes"]``).
+is converted or it is copied. A JPEG whose header claims far more pixels than its data could hold
+is refused as truncated, because the decoder would silently fill the missing part with grey.
+Pillow's warnings (a corrupt EXIF block) do not reach stderr: they become notes on the image
+(``image.info["notes"]``).
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ def _pillow_guard(max_pixels: int) -> Iterator[None]:
     images our limit allows, and its warning would let oversized images through. So while we
     decode, the limit is ours and the warning is an error; Pillow's other warnings (every one,
     not once per place) are kept as notes of the decode that raised them. The first caller in
-    saves Pillow's
-    state and the last one out restores it, so concurrent decodes cannot leave it changed; while
-    several decode at once the largest of their limits applies and each still checks its own.
+    saves Pillow's state and the last one out restores it, so concurrent decodes cannot leave it
+    changed; while several decode at once the largest of their limits applies and each still
+    checks its own.
     """
     with _guard_lock:
         if not _guard_limits:

@@ -215,7 +215,7 @@ class Ingest:
                 except OSError:  # gone since it was listed: nothing to record
                     report.skipped.append((path, f"cannot read file: {exc.strerror}"))
                     continue
-                seen = rec is not None and rec.status == "skipped"
+                seen = rec is not None and rec.status == "skipped" and not retry_skipped
                 if seen and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
                     report.still_skipped += 1
                 else:

@@ -38,9 +38,16 @@ Processes and threads:
   transaction, so it sees one snapshot.
 - Why writes are safe: they are serialised (the in-process lock and the ``flock``); each is
   new files first, then one transaction; and compaction deletes a replaced segment file only
-  after the commit that stops referring to it. A reader whose snapshot still names that file
-  finds it gone, and reads again from a fresh snapshot (a file it has already mapped stays
-  readable after the deletion); a file missing from the newest snapshot is corruption.
+  after the commit that stops referring to it. A fitted state is the one file replaced in
+  place: written under a temporary name first, and renamed over the old one only after the
+  commit that drops the vectors the old one made, so no vector ever sits beside a state it was
+  not made by. A reader whose snapshot still names a deleted segment file finds it gone, and
+  reads again from a fresh snapshot, as often as compaction does that (a file it has already
+  mapped stays readable after the deletion); a file missing that the newest snapshot still
+  names is corruption, which :meth:`Store.verify` (``cbir check``) finds with the rest.
+- A new collection's directory and catalogue are made on first use, not when the store is
+  opened, so a command that fails before it reads or writes leaves nothing behind. File names
+  that are not UTF-8 are stored losslessly (``cbir.names``).
 
 Format versions: 1 had no change feed. This code reads version 1 as it is (every generation 0:
 its vectors are the state at generation 0) and upgrades it in place to version 2 when it first
@@ -1267,9 +1274,19 @@ class Store:
         (the caller holds the writer) what cannot be trusted is removed, each removal of vectors
         logged in the change feed, so the next ``cbir index`` redoes those images and indexes
         follow. Returns the findings and what was looked at.
+
+        Without ``repair`` it reads one snapshot, so a writer running meanwhile cannot make it
+        see half a change; a segment file that writer compacts away during the check is then a
+        note, not an error.
         """
-        if repair and self._writer is not threading.current_thread():
-            raise BusyError("repairing needs the writer: call acquire() first")
+        if repair:
+            if self._writer is not threading.current_thread():
+                raise BusyError("repairing needs the writer: call acquire() first")
+            return self._verify(repair=True)
+        with self._snapshot():
+            return self._verify(repair=False)
+
+    def _verify(self, *, repair: bool) -> tuple[list[Finding], dict[str, int]]:
         findings: list[Finding] = []
         db = self._conn()
         seen = {"images": 0, "vectors": 0, "segments": 0}
@@ -1377,6 +1394,11 @@ class Store:
                 mapped, shape_ok, why = None, False, f"missing or unreadable ({exc})"
             else:
                 why = f"of shape {mapped.shape} {mapped.dtype}, not ({seg['rows']}, {record.dim})"
+            if not shape_ok and not path.exists() and not repair and self.writer_active():
+                findings.append(Finding("segment-file", f"vector file {path} of {label} went "
+                                        "while a writer runs (compacted away, most likely): "
+                                        "check again once it is done", error=False))  # fmt: skip
+                continue
             if not shape_ok:
                 findings.append(Finding("segment-file", f"vector file {path} of {label} is "
                                         f"{why}: {len(rows)} vectors lost", error=True,
