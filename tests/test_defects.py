@@ -113,6 +113,42 @@ def test_a_read_survives_compactions_that_keep_removing_its_files(tmp_path: Path
     writer.close()
 
 
+def test_searches_while_a_writer_adds_and_compacts_never_fail(tmp_path: Path) -> None:
+    writer = Store(tmp_path / "col")
+    record = writer.add_descriptor("d", "d", {}, 4, "euclidean")
+    done = threading.Event()
+    failures: list[BaseException] = []
+    reads = [0]
+
+    def read() -> None:
+        reader = Store(tmp_path / "col")
+        try:
+            while not done.is_set():
+                ids, _ = reader.load_vectors(record.id)
+                if len(ids):
+                    reader.vectors_for(record.id, ids[:3])
+                for _ in reader.iter_vector_blocks(record.id, 2):
+                    pass
+                reads[0] += 1
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            reader.close()
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for n in range(40):
+        writer.write_batch([ImageUpdate(f"/i/{n % 7}", 1, n, "h", "ok",
+                                        vectors={"d": np.full(4, n, np.float32)})])  # fmt: skip
+        writer.compact(record.id, force=True)
+    done.set()
+    for t in readers:
+        t.join()
+    writer.close()
+    assert not failures and reads[0] > 0
+
+
 # -- 4. bounded memory and time --------------------------------------------------------------
 
 
