@@ -349,7 +349,7 @@ def test_exif_warnings_become_notes_on_the_image(tmp_path: Path) -> None:
 
 
 def test_help_texts_have_no_stray_gaps() -> None:
-    for command in ("index", "search", "info", "remove", "export", "fit", "duplicates"):
+    for command in ("index", "search", "info", "check", "remove", "export", "fit", "duplicates"):
         text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output
                         .replace("│", " ").split())  # fmt: skip
         assert not re.search(r"\s[.;,](\s|$)", text), (command, text)
