@@ -658,7 +658,7 @@ def test_read_file_never_reads_past_the_cap_when_the_file_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "growing.png"
-    path.write_bytes(b"x" * 50)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 42)  # claimed by PNG: read on
     cap = 100
     real_fstat, real_read = os.fstat, os.read
     read = [0]

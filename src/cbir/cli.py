@@ -29,6 +29,7 @@ from cbir import errors
 from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
 from cbir.holdings import short_label
+from cbir.names import printable
 from cbir.search.result import SearchResult
 
 app = typer.Typer(
@@ -99,7 +100,9 @@ def _user_errors() -> Iterator[None]:
         kind = errors.kind_of(exc)
         if kind is None:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] {escape(printable(str(exc)))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(EXIT_CODES[kind]) from None
 
 
@@ -293,7 +296,7 @@ def _print_index_report(report: IndexReport) -> None:
             f"fitted {short_label(spec)} on the collection{_fit_summary(fit)}", highlight=False
         )
     for path, reason in report.skipped[:20]:
-        out.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
+        out.print(f"  [yellow]skipped[/] {_shown(path)}: {escape(reason)}", highlight=False)
     if len(report.skipped) > 20:
         out.print(f"  ... and {len(report.skipped) - 20} more (cbir info --skipped)")
     if report.missing:
@@ -429,7 +432,7 @@ def _print_hits(result: SearchResult) -> None:
     table.add_column("path")
     for h in result:
         table.add_row(
-            str(h.rank), f"{h.score:.4f}", escape(h.label or ""), escape(_display_path(h.path))
+            str(h.rank), f"{h.score:.4f}", _shown(h.label or ""), escape(_display_path(h.path))
         )
     out.print(table)
     if not result.hits:
@@ -440,10 +443,16 @@ def _print_hits(result: SearchResult) -> None:
 
 
 def _display_path(path: str) -> str:
-    """Paths under the working directory are shown relative to it: shorter, still exact."""
+    """Paths under the working directory are shown relative to it: shorter, still exact; bytes
+    that are not text escaped (cbir.names)."""
     cwd = Path.cwd()
     p = Path(path)
-    return str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path
+    return printable(str(p.relative_to(cwd)) if p.is_relative_to(cwd) else path)
+
+
+def _shown(text: str) -> str:
+    """A name or reason for Rich markup: printable, brackets escaped."""
+    return escape(printable(text))
 
 
 # -- info, remove, export --------------------------------------------------------------------
@@ -474,7 +483,9 @@ def info(
         _print_indexes(data["indexes"])
     files = data["skipped_files"]
     for f in files if skipped else files[:10]:
-        out.print(f"  [yellow]skipped[/] {f['path']}: {f['reason']}", highlight=False)
+        out.print(
+            f"  [yellow]skipped[/] {_shown(f['path'])}: {_shown(f['reason'])}", highlight=False
+        )
     if not skipped and len(files) > 10:
         out.print(f"  ... {len(files) - 10} more (cbir info --skipped)")
 
@@ -493,6 +504,40 @@ def _print_indexes(indexes: list[dict[str, Any]]) -> None:
             + ("; re-ranks from the vectors on disk" if i["reranks_from_segments"] else ""),
         )  # fmt: skip
     out.print(table)
+
+
+@app.command()
+def check(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Remove what cannot be trusted (orphans, vectors without their file, images "
+            "without vectors) so that the next cbir index redoes it.",
+        ),
+    ] = False,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify the collection: catalogue, vectors, segment files, fitted states, indexes; exits
+    non-zero when something cannot be trusted."""
+    with _user_errors():
+        col = _open(collection)
+        report = col.check(repair=repair)
+        col.close()
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        for f in report.repaired:
+            out.print(f"[green]repaired[/] {_shown(f.message)}", highlight=False)
+        for f in report.findings:
+            tag = "[bold red]error[/]" if f.error else "[yellow]note[/]"
+            out.print(f"{tag} {_shown(f.message)}", highlight=False)
+        looked = ", ".join(f"{n:,} {what.replace('_', ' ')}" for what, n in report.checked.items())
+        verdict = "OK" if report.ok else f"{len(report.errors)} problems"
+        out.print(f"{_shown(report.path)}: {verdict} ({looked})", highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CODES[errors.CorruptError.kind])
 
 
 @app.command()

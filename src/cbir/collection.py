@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cbir import holdings
+from cbir.check import CheckReport, check_collection
 from cbir.config import Settings
 from cbir.errors import NotFoundError
 from cbir.export import export
@@ -255,6 +256,14 @@ class Collection:
         return duplicate_report(self, descriptor, threshold)
 
     # -- inspecting and exporting --------------------------------------------------------------
+    def check(self, *, repair: bool = False) -> CheckReport:
+        """Verify that everything in the collection can be trusted: the catalogue's integrity,
+        every descriptor's vectors present, of the right length and finite, every segment file
+        listed and every listed file present, no duplicate paths, fitted states loadable, saved
+        indexes in step with the change feed. ``repair`` removes what cannot be trusted
+        (needs the writer) so that the next ``add`` redoes it. See :mod:`cbir.check`."""
+        return check_collection(self.store, self.indexes, repair=repair)
+
     def skipped(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of every file that was skipped."""
         return [(r.path, r.reason or "") for r in self.store.images(status="skipped")]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbir.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from cbir.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from cbir.images import Limits
@@ -49,6 +49,30 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
+#: The numeric settings besides the image limits (which ``images.Limits`` checks): setting ->
+#: (environment variable, least allowed value, whether the least is excluded).
+_RANGES: dict[str, tuple[str, float, bool]] = {
+    "workers": ("CBIR_WORKERS", 0, False),
+    "flush_every": ("CBIR_FLUSH_EVERY", 1, False),
+    "flush_seconds": ("CBIR_FLUSH_SECONDS", 0, True),
+    "memory_budget": ("CBIR_MEMORY_BUDGET", 0, False),
+    "block_rows": ("CBIR_BLOCK_ROWS", 1, False),
+    "auto_threshold": ("CBIR_AUTO_THRESHOLD", 0, False),
+}
+#: Settings that may be fractions (the others are whole numbers).
+_FRACTIONAL = frozenset({"flush_seconds"})
+
+
 @dataclass(frozen=True)
 class MilvusSettings:
     """How the ``milvus`` index kind reaches a server when no ``uri`` parameter is given, and
@@ -85,8 +109,12 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Files larger than this many bytes are skipped without being read.
     max_bytes: int = DEFAULT_MAX_BYTES
-    #: Results collected before they are written to disk in one transaction.
+    #: Images whose decode would allocate more than this many bytes are skipped undecoded.
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    #: Results collected before they are written to disk in one transaction ...
     flush_every: int = 512
+    #: ... or for this many seconds, whichever comes first (what a killed run can lose).
+    flush_seconds: float = 5.0
     #: A descriptor's vectors are held in RAM for search when they fit in this many bytes;
     #: larger collections are streamed from the memory-mapped files block by block.
     memory_budget: int = 4 << 30
@@ -106,11 +134,27 @@ class Settings:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        """Refuse a setting out of its range, naming it, its variable and what is allowed:
+        before any work, so a wrong flag cannot record every file as skipped."""
+        from cbir.errors import InvalidRequestError
         from cbir.executors import executor_names
 
-        if self.executor not in executor_names():
-            from cbir.errors import InvalidRequestError
+        for name, (env, least, excluded) in _RANGES.items():
+            value = getattr(self, name)
+            kinds = (int, float) if name in _FRACTIONAL else (int,)
+            number = isinstance(value, kinds) and not isinstance(value, bool)
+            if not number or value < least or (excluded and value == least):
+                what = "a number" if name in _FRACTIONAL else "a whole number"
+                allowed = f"more than {least:g}" if excluded else f"{least:g} or more"
+                raise InvalidRequestError(
+                    f"{name} ({env}) must be {what}, {allowed}; got {value!r}"
+                )
+        try:
+            self.limits  # noqa: B018 - checks max_pixels, max_bytes and max_decode_bytes
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
+        if self.executor not in executor_names():
             raise InvalidRequestError(
                 f"unknown executor {self.executor!r} (CBIR_EXECUTOR, --executor); "
                 f"choose one of {', '.join(executor_names())}"
@@ -119,26 +163,34 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Defaults, then ``CBIR_*`` environment variables, then explicit ``overrides``."""
-        base = cls(
+        values: dict[str, Any] = dict(
             collection=Path(os.environ.get("CBIR_COLLECTION") or ".cbir"),
             workers=_env_int("CBIR_WORKERS", 0),
             max_pixels=_env_int("CBIR_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_bytes=_env_int("CBIR_MAX_BYTES", DEFAULT_MAX_BYTES),
+            max_decode_bytes=_env_int("CBIR_MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
             memory_budget=_env_int("CBIR_MEMORY_BUDGET", 4 << 30),
             index=os.environ.get("CBIR_INDEX") or "auto",
             auto_threshold=_env_int("CBIR_AUTO_THRESHOLD", 50_000),
             flush_every=_env_int("CBIR_FLUSH_EVERY", 512),
+            flush_seconds=_env_float("CBIR_FLUSH_SECONDS", 5.0),
+            block_rows=_env_int("CBIR_BLOCK_ROWS", 16384),
             executor=os.environ.get("CBIR_EXECUTOR") or "local",
             ray_address=os.environ.get("CBIR_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"),
         )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # checked once, as it will be used
 
     @property
     def limits(self) -> Limits:
         """What a file may be before it is refused: bytes read, pixels decoded."""
         from cbir.images import Limits
 
-        return Limits(max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        return Limits(
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+            max_decode_bytes=self.max_decode_bytes,
+        )
 
     @property
     def worker_count(self) -> int:

@@ -158,9 +158,14 @@ def extract_chunk(
                 image = images.from_array(data)
             else:
                 image = images.decode(
-                    data, max_side=side, max_pixels=limits.max_pixels, shrink=False
+                    data,
+                    max_side=side,
+                    max_pixels=limits.max_pixels,
+                    max_decode_bytes=limits.max_decode_bytes,
+                    shrink=False,
                 )
             update.width, update.height = image.info.get("original_size", image.size)
+            update.reason = "; ".join(image.info.get("notes", ())) or None  # kept, with notes
             arrays = images.prepare_arrays(image, [d.input_spec for d in descriptors])
             decoded.append((update, dict(zip(specs, arrays, strict=True))))
         except images.ImageError as exc:
@@ -525,7 +530,13 @@ def extract_arrays(
     spec = descriptor.input_spec
     data = source if isinstance(source, bytes) else images.read_file(source, limits.max_bytes)[0]
     side = _decode_side([descriptor, *decoded_with])
-    image = images.decode(data, max_side=side, max_pixels=limits.max_pixels, shrink=False)
+    image = images.decode(
+        data,
+        max_side=side,
+        max_pixels=limits.max_pixels,
+        max_decode_bytes=limits.max_decode_bytes,
+        shrink=False,
+    )
     return images.to_array(image, spec)
 
 

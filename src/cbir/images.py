@@ -10,7 +10,19 @@ opened (``fstat`` of the open descriptor), so a path swapped for a FIFO or a dev
 looked at is still refused. The open is non-blocking, so a FIFO without a writer cannot hang the
 caller, and it never makes a terminal the controlling one. A file over the byte cap is refused
 from its size before any byte is read, and the read itself stops one byte past the cap, so a file
-that grows while it is read cannot make it allocate more than the cap allows.
+that grows while it is read cannot make it allocate more than the cap allows. Its first bytes
+are read alone: when no format Pillow reads claims them, the file is refused without reading the
+rest, so a huge file that is no image (a disk image named ``.jpg``) costs one small read.
+
+Why decoding is bounded: before any pixel is decoded, the size in the header is checked against
+``max_pixels``, and the bytes the decode will allocate (pixels x bytes per pixel, as Pillow
+stores the mode, after a JPEG's reduced-scale draft) against ``max_decode_bytes``; high bit
+depths are stretched to 8 bits block by block, never as a full-size float copy, and a large image
+of a format without a draft is box-reduced to about the size the descriptors need before its mode
+is converted or it is copied. A JPEG whose header claims far more pixels than its data could hold
+is refused as truncated, because the decoder would silently fill the missing part with grey.
+Pillow's warnings (a corrupt EXIF block) do not reach stderr: they become notes on the image
+(``image.info["notes"]``).
 """
 
 from __future__ import annotations
@@ -21,10 +33,11 @@ import os
 import re
 import stat
 import struct
+import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +50,24 @@ DEFAULT_MAX_PIXELS = 200_000_000
 #: Files over this many bytes are refused before they are read (an uncompressed 200-megapixel
 #: RGB TIFF is 600 MB).
 DEFAULT_MAX_BYTES = 1 << 30
+#: A decode may allocate at most this many bytes (Pillow holds an RGB pixel in 4 bytes, so a
+#: 200-megapixel RGB image needs 800 MB).
+DEFAULT_MAX_DECODE_BYTES = 1 << 30
+#: Bytes read first, alone, to see whether the file may be an image at all (Pillow identifies a
+#: format from its first 16 bytes).
+SNIFF_BYTES = 1 << 16
+_ID_BYTES = 16
+#: Pixels stretched at a time from a high bit depth to 8 bits (bounds the float temporaries).
+STRETCH_BLOCK_PIXELS = 1 << 20
+#: Bytes per pixel of each mode as Pillow stores it in memory (every other mode takes 4).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_OTHER_PIXEL_BYTES = 4
+#: The least a complete Huffman-coded JPEG spends on an 8x8 block of luma: a DC code and an
+#: end-of-block code of at least one bit each (a flat block in an optimised table). A file with
+#: fewer bytes than this for its header's size is mostly missing, however plain the picture.
+MIN_JPEG_BITS_PER_BLOCK = 2
+_JPEG_BLOCK = 8
+_BITS_PER_BYTE = 8
 
 
 class ImageError(Exception):
@@ -60,20 +91,23 @@ class ImageError(Exception):
 _LIMIT_SETTINGS = {
     "max_pixels": ("CBIR_MAX_PIXELS", "pixels"),
     "max_bytes": ("CBIR_MAX_BYTES", "bytes"),
+    "max_decode_bytes": ("CBIR_MAX_DECODE_BYTES", "bytes"),
 }
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one image may cost: ``max_pixels`` decoded pixels and ``max_bytes`` bytes of file.
+    """What one image may cost: ``max_pixels`` decoded pixels, ``max_bytes`` bytes of file and
+    ``max_decode_bytes`` bytes allocated by its decode.
 
-    Larger images are refused (skipped when indexing) with a reason naming the limit. Both must be
-    whole numbers of at least 1; anything else is a ``ValueError`` naming the setting, its
+    Larger images are refused (skipped when indexing) with a reason naming the limit. Each must
+    be a whole number of at least 1; anything else is a ``ValueError`` naming the setting, its
     environment variable and the allowed range.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
     def __post_init__(self) -> None:
         for name, (env, unit) in _LIMIT_SETTINGS.items():
@@ -144,6 +178,23 @@ IMAGE_EXTENSIONS: frozenset[str] = _openable_extensions()
 _guard_lock = threading.Lock()
 _guard_limits: list[int] = []
 _guard_saved: list[tuple[int | None, warnings.catch_warnings]] = []
+#: The notes of the decode running in this thread (``notes.items``), while one runs.
+_notes = threading.local()
+
+
+def _note_or_show(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that keeps a warning raised by a decode of this thread as a
+    note on its image, and shows any other warning as ``show`` would."""
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: object,
+                    **kwargs: object) -> None:  # fmt: skip
+        items = getattr(_notes, "items", None)
+        if items is None:
+            show(message, category, *args, **kwargs)
+        else:
+            items.append(" ".join(str(message).split()))
+
+    return showwarning
 
 
 @contextmanager
@@ -154,15 +205,19 @@ def _pillow_guard(max_pixels: int) -> Iterator[None]:
     TIFF tiles during loading): a warning above ``MAX_IMAGE_PIXELS`` and an error above twice
     that. Its default (~89 MP) is below :data:`DEFAULT_MAX_PIXELS`, so left alone it would refuse
     images our limit allows, and its warning would let oversized images through. So while we
-    decode, the limit is ours and the warning is an error. The first caller in saves Pillow's
-    state and the last one out restores it, so concurrent decodes cannot leave it changed; while
-    several decode at once the largest of their limits applies and each still checks its own.
+    decode, the limit is ours and the warning is an error; Pillow's other warnings (every one,
+    not once per place) are kept as notes of the decode that raised them. The first caller in
+    saves Pillow's state and the last one out restores it, so concurrent decodes cannot leave it
+    changed; while several decode at once the largest of their limits applies and each still
+    checks its own.
     """
     with _guard_lock:
         if not _guard_limits:
             scope = warnings.catch_warnings()
             scope.__enter__()
+            warnings.simplefilter("always", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.showwarning = _note_or_show(warnings.showwarning)
             _guard_saved.append((Image.MAX_IMAGE_PIXELS, scope))
         _guard_limits.append(max_pixels)
         Image.MAX_IMAGE_PIXELS = max(_guard_limits)
@@ -225,6 +280,7 @@ def decode(
     *,
     max_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     shrink: bool = True,
 ) -> Image.Image:
     """Decode image file bytes to an RGB image, ready for :func:`to_array`.
@@ -237,18 +293,27 @@ def decode(
     conversion and resizing work (entropy decoding still reads the whole file).
     ``shrink=False`` stops after the draft decode (the longer side is then at least
     ``max_side``): for callers that resize anyway, as :func:`prepare_arrays` does, with a
-    faster filter. ``image.info["original_size"]`` holds the full (oriented) size.
-    Images over ``max_pixels`` are refused from the header, before any pixel is decoded.
+    faster filter. ``image.info["original_size"]`` holds the full (oriented) size, and
+    ``image.info["notes"]`` what Pillow warned about (e.g. a corrupt EXIF block), in words.
+    Images over ``max_pixels``, or whose decode would allocate more than ``max_decode_bytes``,
+    are refused from the header, before any pixel is decoded (see the module docstring).
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if max_decode_bytes < 1:
+        raise ValueError(f"max_decode_bytes must be positive, got {max_decode_bytes}")
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
+    _notes.items = []
     try:
         with _pillow_guard(max_pixels):
-            return _decode(data, max_side if shrink else None, max_pixels, draft_side=max_side)
+            image = _decode(
+                data, max_side if shrink else None, max_pixels, max_decode_bytes, max_side
+            )
+        image.info["notes"] = _notes.items
+        return image
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -259,28 +324,53 @@ def decode(
         raise ImageError(f"truncated or corrupt image data: {_describe(exc)}") from exc
     except Exception as exc:  # anything else Pillow raises must still be a readable ImageError
         raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+    finally:
+        del _notes.items
 
 
 def _decode(
-    data: bytes, max_side: int | None, max_pixels: int, draft_side: int | None
-) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        # Pillow's guard in Image.open normally refuses first; this check applies (and names the
-        # size) when a concurrent decode with a larger limit has raised Pillow's.
-        if width * height > max_pixels:
-            raise ImageError(_too_big(width * height, max_pixels, (width, height)))
-        if draft_side is not None and im.format in _DRAFT_FORMATS:
+    data: bytes, max_side: int | None, max_pixels: int, max_decode_bytes: int,
+    draft_side: int | None,
+) -> Image.Image:  # fmt: skip
+    # Not closed with a ``with``: closing would invalidate the pixels the result may share
+    # (copying them would double the peak), and an image read from bytes holds no file.
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    # Pillow's guard in Image.open normally refuses first; this check applies (and names the
+    # size) when a concurrent decode with a larger limit has raised Pillow's.
+    if width * height > max_pixels:
+        raise ImageError(_too_big(width * height, max_pixels, (width, height)))
+    if im.format in _DRAFT_FORMATS:
+        _check_jpeg_data(len(data), width, height)
+        if draft_side is not None:
             _draft(im, draft_side)
-        im.load()
-        stored = im.size  # after any draft reduction
-        _apply_orientation(im)
-        swapped = im.size != stored  # EXIF orientations 5-8 swap width and height
-        result = _shrink(_to_rgb(im), max_side)
-        if result is im:  # still the file object, which the ``with`` is about to close
-            result = im.copy()
+    allocated = im.size[0] * im.size[1] * _PIXEL_BYTES.get(im.mode, _OTHER_PIXEL_BYTES)
+    if allocated > max_decode_bytes:
+        raise ImageError(
+            f"decoding this {width}x{height} {im.mode} image would allocate {allocated} bytes, "
+            f"over the limit of {max_decode_bytes} bytes (set max_decode_bytes / "
+            "CBIR_MAX_DECODE_BYTES to allow it)"
+        )
+    im.load()
+    stored = im.size  # after any draft reduction
+    _apply_orientation(im)
+    swapped = im.size != stored  # EXIF orientations 5-8 swap width and height
+    reduce_to = None if im.format in _DRAFT_FORMATS else draft_side  # a draft did it already
+    result = _shrink(_to_rgb(im, reduce_to), max_side)
     result.info["original_size"] = (height, width) if swapped else (width, height)
     return result
+
+
+def _check_jpeg_data(n_bytes: int, width: int, height: int) -> None:
+    """Refuse a JPEG whose file is too small to hold its header's size (see
+    :data:`MIN_JPEG_BITS_PER_BLOCK`): the decoder would fill what is missing with grey."""
+    blocks = -(-width // _JPEG_BLOCK) * -(-height // _JPEG_BLOCK)
+    least = blocks * MIN_JPEG_BITS_PER_BLOCK // _BITS_PER_BYTE
+    if n_bytes < least:
+        raise ImageError(
+            f"truncated image data: the header says {width}x{height}, which takes at least "
+            f"{least} bytes, but the file has {n_bytes}: most of the image is missing"
+        )
 
 
 def _draft(im: ImageFile.ImageFile, max_side: int) -> None:
@@ -307,11 +397,27 @@ def _apply_orientation(im: Image.Image) -> None:
         ImageOps.exif_transpose(im, in_place=True)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB (transparency over white, high bit depths stretched)."""
+def _reduced(im: Image.Image, side: int | None) -> Image.Image:
+    """Box-average ``im`` by the largest whole factor that keeps its longer side at least
+    ``side``: what a JPEG's draft does while decoding, for the formats that have none, so a huge
+    PNG or TIFF is converted and copied at about the size the descriptors need, not its own."""
+    factor = 0 if side is None else max(im.size) // side
+    return im.reduce(factor) if factor >= 2 else im
+
+
+def _to_rgb(im: Image.Image, reduce_to: int | None = None) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB (transparency over white, high bit depths stretched);
+    with ``reduce_to``, reduced (:func:`_reduced`) as early as gives the same pixels: grey and
+    RGB before converting, other modes (alpha is composited per pixel) after."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        im = _stretch_to_8bit(im)
+    if im.mode in ("L", "RGB") and "transparency" not in im.info:
+        im, reduce_to = _reduced(im, reduce_to), None
+    return _reduced(_as_rgb(im), reduce_to)
+
+
+def _as_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
-    if mode in _HIGH_DEPTH_MODES:
-        return _stretch_to_8bit(im).convert("RGB")
     if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
         im, mode = im.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
@@ -338,19 +444,28 @@ def _stretch_to_8bit(im: Image.Image) -> Image.Image:
 
 
 def _stretch_array(array: np.ndarray) -> np.ndarray:
-    """The min-max stretch of :func:`_stretch_to_8bit` on an array of any shape and dtype."""
-    values = array.astype(np.float32)
-    finite = np.isfinite(values)
-    out = np.zeros(values.shape, dtype=np.uint8)
-    if finite.any():
-        lo = float(values[finite].min())
-        hi = float(values[finite].max())
-        if hi > lo:
-            scaled = (values - lo) * np.float32(255.0 / (hi - lo))
-            scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    """The min-max stretch of :func:`_stretch_to_8bit` on an array of any shape and dtype,
+    :data:`STRETCH_BLOCK_PIXELS` at a time (a full-size float copy of a 14,000² 16-bit image
+    would be 800 MB, and each step of the arithmetic another)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    blocks = range(0, len(flat), STRETCH_BLOCK_PIXELS)
+    lo, hi = np.inf, -np.inf
+    for start in blocks:
+        values = flat[start : start + STRETCH_BLOCK_PIXELS].astype(np.float32)
+        values = values[np.isfinite(values)]
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    out = np.zeros(len(flat), dtype=np.uint8)
+    if hi > lo:
+        scale = np.float32(255.0 / (hi - lo))
+        for start in blocks:
+            scaled = flat[start : start + STRETCH_BLOCK_PIXELS].astype(np.float32)
+            scaled -= np.float32(lo)
+            scaled *= scale
+            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
             np.clip(scaled, 0.0, 255.0, out=scaled)
-            out = np.rint(scaled).astype(np.uint8)
-    return out
+            out[start : start + STRETCH_BLOCK_PIXELS] = np.rint(scaled, out=scaled)
+    return out.reshape(array.shape)
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -399,7 +514,12 @@ def load(
     name = os.fspath(path)
     try:
         data, _ = read_file(name, limits.max_bytes)
-        return decode(data, max_side=max_side, max_pixels=limits.max_pixels)
+        return decode(
+            data,
+            max_side=max_side,
+            max_pixels=limits.max_pixels,
+            max_decode_bytes=limits.max_decode_bytes,
+        )
     except ImageError as exc:
         raise ImageError(exc.reason, name, file_stat=exc.file_stat) from exc
 
@@ -492,13 +612,40 @@ def _check_size(st: os.stat_result, max_bytes: int) -> None:
         )
 
 
+def _might_be_image(head: bytes) -> bool:
+    """Whether some format Pillow reads claims a file that starts with ``head``: its quick
+    check of the first bytes, or, for the few formats without one (TGA, IM, SPIDER...), their
+    header parsed from ``head``."""
+    prefix = head[:_ID_BYTES]
+    unclaimed = []
+    for name in Image.ID:
+        _factory, accept = Image.OPEN[name]
+        if accept is None:
+            unclaimed.append(name)
+        elif accept(prefix):
+            return True
+    try:
+        with _pillow_guard(sys.maxsize):  # the header only: no pixel limit to apply here
+            Image.open(io.BytesIO(head), formats=unclaimed).close()
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # a header that claims the file but looks odd: let decode say why
+        return True
+    return True
+
+
 def _read_at_most(fd: int, st: os.stat_result, max_bytes: int) -> bytes:
-    """Read to the end of the file, but never more than ``max_bytes + 1`` bytes in all."""
+    """Read to the end of the file, but never more than ``max_bytes + 1`` bytes in all; the
+    first :data:`SNIFF_BYTES` alone, refused at once when no format claims them."""
     cap = max_bytes + 1
-    chunks: list[bytes] = []
-    total = 0
-    want = st.st_size + 1  # one more than expected: the end of the file in one read, usually
-    while total < cap:
+    head = os.read(fd, min(SNIFF_BYTES, cap))
+    if head and not _might_be_image(head):
+        raise ImageError(_NOT_AN_IMAGE, file_stat=st)
+    chunks: list[bytes] = [head]
+    total = len(head)
+    # one more than expected: the end of the file in one read, usually
+    want = st.st_size - total + 1 if total <= st.st_size else _READ_BLOCK
+    while head and total < cap:
         chunk = os.read(fd, min(want, cap - total))
         if not chunk:
             break
@@ -512,7 +659,7 @@ def _read_at_most(fd: int, st: os.stat_result, max_bytes: int) -> bytes:
             f"({_RAISE_BYTES})",
             file_stat=st,
         )
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # the head alone: no copy
 
 
 # --------------------------------------------------------------------------------------------

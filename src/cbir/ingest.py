@@ -1,10 +1,12 @@
 """Adding images to a collection: discover the files, plan what each needs, extract on the
 worker pool, fit the descriptors that learn from the collection.
 
-Results are written in batches as they come (``Settings.flush_every``), each batch atomically
-(see ``cbir.store``), so an interrupted or killed run keeps every finished batch and the same
-command continues. A run stops early, keeping its work, when its ``cancel`` event is set (Ctrl-C
-sets the same event); :class:`IndexInterrupted` then carries the report.
+Results are written in batches as they come, each batch atomically (see ``cbir.store``), when
+``Settings.flush_every`` results are waiting or the oldest has waited ``Settings.flush_seconds``,
+so an interrupted or killed run keeps every finished batch (a kill loses at most those seconds of
+work, and the chunks in flight) and the same command continues. A run stops early, keeping its
+work, when its ``cancel`` event is set (Ctrl-C sets the same event); :class:`IndexInterrupted`
+then carries the report.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cbir.config import Settings
 from cbir.errors import InvalidRequestError, NotFoundError
 from cbir.executors import executor_for
 from cbir.extraction import Task, extract_arrays
+from cbir.faults import pause_point
 from cbir.features import Descriptor, create_descriptor
 from cbir.store import DescriptorRecord, ImageUpdate, Store
 
@@ -161,14 +164,14 @@ class Ingest:
                 requested = list(self.settings.default_descriptors)
             self.register(requested)
             label_of = _label_function(labels, roots)
-            tasks, new_paths = self._plan(files, label_of, retry_skipped, report)
+            tasks, new_paths, refused = self._plan(files, label_of, retry_skipped, report)
             report.missing = _missing_under(self.store, roots)
-            self._extract(tasks, new_paths, report, run)
+            self._extract(tasks, new_paths, report, run, refused)
             if not report.interrupted and self._fit_pending(report):
                 # descriptors fitted just now: extract them for every image (the rest is
                 # unchanged, so only they are computed)
                 again = IndexReport()
-                tasks, _ = self._plan(files, label_of, False, again)
+                tasks, _, _ = self._plan(files, label_of, False, again)
                 self._extract(tasks, set(), again, run)
                 report.interrupted = again.interrupted
                 report.skipped += again.skipped
@@ -188,15 +191,18 @@ class Ingest:
         label_of: Callable[[str], str | None],
         retry_skipped: bool,
         report: IndexReport,
-    ) -> tuple[list[Task], set[str]]:
+    ) -> tuple[list[Task], set[str], list[ImageUpdate]]:
         """Decide what each file needs: everything (new or changed content), only the
-        descriptors it lacks, or nothing. Returns the tasks and the paths that are new."""
+        descriptors it lacks, or nothing. Returns the tasks, the paths that are new, and the
+        files refused before any task (a dangling or looping symlink), to be stored skipped
+        with the status of the link itself, so they are not retried until it changes."""
         specs = holdings.extracted_together(self.store)
         ids_by_spec = {d.spec: d.id for d in self.store.descriptors()}
         known = {r.path: r for r in self.store.images()}
         present = self.store.present_descriptors()
         tasks: list[Task] = []
         new_paths: set[str] = set()
+        refused: list[ImageUpdate] = []
         relabel: dict[str, str | None] = {}
         for path in files:
             label = label_of(path)
@@ -204,7 +210,17 @@ class Ingest:
             try:
                 st = os.stat(path)
             except OSError as exc:
-                report.skipped.append((path, f"cannot read file: {exc.strerror}"))
+                try:
+                    st = os.lstat(path)
+                except OSError:  # gone since it was listed: nothing to record
+                    report.skipped.append((path, f"cannot read file: {exc.strerror}"))
+                    continue
+                seen = rec is not None and rec.status == "skipped" and not retry_skipped
+                if seen and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    report.still_skipped += 1
+                else:
+                    refused.append(_refused(path, st, exc, label))
+                    new_paths.add(path)
                 continue
             same_stat = rec is not None and (rec.size, rec.mtime_ns) == (st.st_size, st.st_mtime_ns)
             if rec is None or (rec.status == "skipped" and (retry_skipped or not same_stat)):
@@ -222,15 +238,24 @@ class Ingest:
                     tasks.append(Task(path, specs, rec.sha256, missing, label))
         if relabel:
             self.store.set_labels(relabel)
-        return tasks, new_paths
+        return tasks, new_paths, refused
 
     def _extract(
-        self, tasks: list[Task], new_paths: set[str], report: IndexReport, run: Run
+        self,
+        tasks: list[Task],
+        new_paths: set[str],
+        report: IndexReport,
+        run: Run,
+        refused: Sequence[ImageUpdate] = (),
     ) -> None:
-        """Run the tasks on the worker processes, writing results in batches as they come."""
-        batch = _Batch(self.store, self.settings.flush_every, report, new_paths)
+        """Run the tasks on the worker processes, writing results in batches as they come
+        (after the files refused while planning)."""
+        batch = _Batch(self.store, self.settings, report, new_paths)
+        for update in refused:
+            batch.take(update)
 
         def on_result(update: ImageUpdate) -> None:
+            pause_point("extract")
             batch.take(update)
             if run.progress is not None:
                 run.progress(batch.done, len(tasks))
@@ -268,7 +293,7 @@ class Ingest:
             info = self._fit_one(record)
             report = IndexReport()
             paths = [r.path for r in self.store.images(status="ok")]
-            tasks, _ = self._plan(paths, lambda path: None, False, report)
+            tasks, _, _ = self._plan(paths, lambda path: None, False, report)
             self._extract(tasks, set(), report, run or Run())
             if report.interrupted:
                 raise IndexInterrupted(report)
@@ -376,12 +401,31 @@ def fit_on_images(
     return len(arrays)
 
 
-class _Batch:
-    """Results waiting to be written, and the report's counts of what they were."""
+def _refused(path: str, link: os.stat_result, exc: OSError, label: str | None) -> ImageUpdate:
+    """A file that cannot even be looked at (a dangling or looping symlink), as skipped, with
+    the status of the link itself."""
+    return ImageUpdate(
+        path=path,
+        size=link.st_size,
+        mtime_ns=link.st_mtime_ns,
+        sha256=None,
+        status="skipped",
+        reason=f"cannot read file: {exc.strerror} (a symbolic link to nothing readable)",
+        label=label,
+    )
 
-    def __init__(self, store: Store, size: int, report: IndexReport, new_paths: set[str]):
-        self.store, self.size, self.report, self.new_paths = store, size, report, new_paths
+
+class _Batch:
+    """Results waiting to be written, and the report's counts of what they were: written when
+    ``flush_every`` wait, or when the oldest has waited ``flush_seconds``."""
+
+    def __init__(
+        self, store: Store, settings: Settings, report: IndexReport, new_paths: set[str]
+    ) -> None:
+        self.store, self.report, self.new_paths = store, report, new_paths
+        self.size, self.seconds = settings.flush_every, settings.flush_seconds
         self.pending: list[ImageUpdate] = []
+        self.since = 0.0  # when the oldest pending result came
         self.done = 0
 
     def take(self, update: ImageUpdate) -> None:
@@ -398,7 +442,10 @@ class _Batch:
             report.updated += 1
         if update.status == "ok":
             report.extracted += 1
-        if len(self.pending) >= self.size:
+        now = time.monotonic()
+        if len(self.pending) == 1:
+            self.since = now
+        if len(self.pending) >= self.size or now - self.since >= self.seconds:
             self.flush()
 
     def flush(self) -> None:

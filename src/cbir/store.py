@@ -38,9 +38,16 @@ Processes and threads:
   transaction, so it sees one snapshot.
 - Why writes are safe: they are serialised (the in-process lock and the ``flock``); each is
   new files first, then one transaction; and compaction deletes a replaced segment file only
-  after the commit that stops referring to it. A reader whose snapshot still names that file
-  finds it gone, and reads again from a fresh snapshot (a file it has already mapped stays
-  readable after the deletion); a file missing from the newest snapshot is corruption.
+  after the commit that stops referring to it. A fitted state is the one file replaced in
+  place: written under a temporary name first, and renamed over the old one only after the
+  commit that drops the vectors the old one made, so no vector ever sits beside a state it was
+  not made by. A reader whose snapshot still names a deleted segment file finds it gone, and
+  reads again from a fresh snapshot, as often as compaction does that (a file it has already
+  mapped stays readable after the deletion); a file missing that the newest snapshot still
+  names is corruption, which :meth:`Store.verify` (``cbir check``) finds with the rest.
+- A new collection's directory and catalogue are made on first use, not when the store is
+  opened, so a command that fails before it reads or writes leaves nothing behind. File names
+  that are not UTF-8 are stored losslessly (``cbir.names``).
 
 Format versions: 1 had no change feed. This code reads version 1 as it is (every generation 0:
 its vectors are the state at generation 0) and upgrades it in place to version 2 when it first
@@ -60,7 +67,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +80,8 @@ from cbir.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cbir.faults import pause_point
+from cbir.names import BYTES_MARK, from_stored, to_stored
 
 #: The catalogue format this code writes (and the newest it reads). 2 added the change feed.
 FORMAT_VERSION = 2
@@ -96,9 +105,6 @@ COMPACT_BLOCK_ROWS = 65536
 #: How long an SQLite statement waits for a lock held by another connection (WAL checkpoints,
 #: two processes creating the same new collection) before it fails.
 SQLITE_TIMEOUT_SECONDS = 30.0
-#: Snapshots a read tries when the segment files its snapshot names were compacted away under
-#: it; compaction runs at most once per write, so a second snapshot almost always suffices.
-READ_ATTEMPTS = 3
 #: The oldest SQLite with what the catalogue's statements use (RETURNING; JSON functions, which
 #: SQLite builds in from 3.38 and distributions enabled before).
 MIN_SQLITE = (3, 35, 0)
@@ -197,6 +203,22 @@ class _SegmentVanishedError(Exception):
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One thing a check found (``cbir check``): ``what`` names its kind, ``message`` says it
+    in words; an ``error`` cannot be trusted, a note is harmless or redone by the next run;
+    ``repaired`` when the check removed it."""
+
+    what: str
+    message: str
+    error: bool
+    repaired: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "message": self.message, "error": self.error,
+                "repaired": self.repaired}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DescriptorRecord:
     """A descriptor a collection holds vectors for."""
 
@@ -218,6 +240,7 @@ class ImageRecord:
     size: int | None
     mtime_ns: int | None
     status: str
+    #: why it was skipped; for an image kept, what was odd about it (notes), or None
     reason: str | None
     label: str | None
     width: int | None = None
@@ -233,6 +256,7 @@ class ImageUpdate:
     mtime_ns: int | None
     sha256: str | None
     status: str  # "ok" | "skipped" | "unchanged"
+    #: why it was skipped; for an image kept, what was odd about it (notes), or None
     reason: str | None = None
     label: str | None = None
     width: int | None = None
@@ -278,13 +302,11 @@ class Store:
                 "--collection / CBIR_COLLECTION)"
             )
         self._path = self.root / "catalogue.sqlite"
-        if not self._path.exists():
-            if not create:
-                raise NotFoundError(
-                    f"no collection at {self.root} (run `cbir index DIR` to create one, "
-                    "or choose another with --collection / CBIR_COLLECTION)"
-                )
-            self.root.mkdir(parents=True, exist_ok=True)
+        if not create and not self._path.exists():
+            raise NotFoundError(
+                f"no collection at {self.root} (run `cbir index DIR` to create one, "
+                "or choose another with --collection / CBIR_COLLECTION)"
+            )
         self._local = threading.local()
         # what searches read on every query (descriptors, generations, hit names), kept until
         # the catalogue changes: (change token, value) by what it is
@@ -298,23 +320,27 @@ class Store:
         self._write_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._lock_file: Any = None
-        try:
-            if sqlite3.sqlite_version_info < MIN_SQLITE:
-                raise UnavailableError(
-                    f"cbir needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python "
-                    f"has {sqlite3.sqlite_version}"
-                )
-            db = self._conn()
-            version = self._read_format(db)
-            if version is None:
-                db.execute("PRAGMA journal_mode=WAL")  # persists in the file
-                self._create(db)
-                version = FORMAT_VERSION
-            self._check_format(version)
-            self._format = version
-        except BaseException:
-            self._close_connections()
-            raise
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise UnavailableError(
+                f"cbir needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python "
+                f"has {sqlite3.sqlite_version}"
+            )
+        #: the catalogue's format; None until a new collection is made, on first use, so that
+        #: a command that fails before it reads or writes anything leaves no empty collection
+        self._format: int | None = None
+        self._create_lock = threading.Lock()
+        if self._path.exists():
+            self._conn()
+
+    def _prepare(self, db: sqlite3.Connection) -> int:
+        """Check (or create) the catalogue on the first connection; returns its format."""
+        version = self._read_format(db)
+        if version is None:
+            db.execute("PRAGMA journal_mode=WAL")  # persists in the file
+            self._create(db)
+            version = FORMAT_VERSION
+        self._check_format(version)
+        return version
 
     # -- plumbing --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -332,12 +358,27 @@ class Store:
         self.close()
 
     def _conn(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
+        """This thread's connection, opened on first use (the first one of a new collection
+        makes its directory and catalogue)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             return db
         if self._closed:
             raise sqlite3.ProgrammingError(f"the store of {self.root} is closed")
+        with self._create_lock:
+            if self._format is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                db = self._connect()
+                try:
+                    self._format = self._prepare(db)
+                except BaseException:
+                    self._close_connections()
+                    raise
+                return db
+        return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open this thread's connection."""
         try:
             # check_same_thread=False only so that close() may close every thread's connection;
             # each connection is used by its own thread alone
@@ -458,6 +499,8 @@ class Store:
     def _has_feed(self) -> bool:
         """Whether the catalogue has the change feed yet (another process may have just
         upgraded it)."""
+        self._conn()
+        assert self._format is not None  # set by the first connection
         if self._format < FORMAT_VERSION:
             self._format = self._read_format(self._conn()) or FORMAT_VERSION
         return self._format >= FORMAT_VERSION
@@ -492,18 +535,23 @@ class Store:
             db.execute("COMMIT")  # ends the read snapshot; nothing was written
 
     def _read_segments(self, read: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``read`` in a snapshot, again in a fresh one if its segment files were compacted
-        away meanwhile; a file missing from the newest snapshot is corruption."""
-        for attempt in range(READ_ATTEMPTS):
+        """``read`` in a snapshot, again in a fresh one as long as the segment file it found
+        gone is no longer named by the newest snapshot (compacted away meanwhile, as often as
+        that happens); a file missing that the newest snapshot still names is corruption."""
+        while True:
             try:
                 with self._snapshot() as db:
                     return read(db)
             except _SegmentVanishedError as gone:
-                if attempt == READ_ATTEMPTS - 1:
+                if self._conn().in_transaction or self._names_segment(gone.path.name):
                     raise CorruptError(
                         f"vector file {gone.path} is missing or unreadable: {gone.cause}"
                     ) from gone.cause
-        raise AssertionError("unreachable")
+
+    def _names_segment(self, file: str) -> bool:
+        """Whether the newest committed state still names this segment file."""
+        row = self._conn().execute("SELECT 1 FROM segments WHERE file = ?", (file,)).fetchone()
+        return row is not None
 
     # -- the writer ----------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -513,6 +561,7 @@ class Store:
         me = threading.current_thread()
         if self._writer is me:
             return
+        self._conn()  # a new collection is made now, before its lock file
         if not self._write_lock.acquire(blocking=False):
             raise BusyError(
                 f"{self.root} is being written by another thread of this process; "
@@ -568,21 +617,31 @@ class Store:
     def _segment_path(self, descriptor_id: int, file: str) -> Path:
         return self.root / "vectors" / str(descriptor_id) / file
 
-    def _remove_orphans(self) -> None:
-        """Delete vector files no committed segment refers to (left by a killed run)."""
+    def _orphan_files(self) -> list[Path]:
+        """Vector files no committed segment refers to, and half-saved fitted states (left by
+        a killed run)."""
+        half_saved = sorted((self.root / "models").glob(".tmp-*"))
         vectors_dir = self.root / "vectors"
         if not vectors_dir.is_dir():
-            return
+            return half_saved
         known = {
             (str(r["descriptor_id"]), r["file"])
             for r in self._conn().execute("SELECT descriptor_id, file FROM segments")
         }
-        for sub in vectors_dir.iterdir():
-            if not sub.is_dir():
-                continue
-            for f in sub.iterdir():
-                if (sub.name, f.name) not in known:
-                    f.unlink(missing_ok=True)
+        return half_saved + [
+            f
+            for sub in vectors_dir.iterdir()
+            if sub.is_dir()
+            for f in sub.iterdir()
+            if (sub.name, f.name) not in known
+        ]
+
+    def _remove_orphans(self) -> None:
+        """Delete vector files no committed segment refers to (left by a killed run)."""
+        for f in self._orphan_files():
+            f.unlink(missing_ok=True)
+        vectors_dir = self.root / "vectors"
+        for sub in vectors_dir.iterdir() if vectors_dir.is_dir() else ():
             with contextlib.suppress(OSError):
                 sub.rmdir()  # only succeeds when empty (a dropped descriptor)
 
@@ -690,7 +749,7 @@ class Store:
         if status is not None:
             sql += " WHERE status = ?"
             args = (status,)
-        return [ImageRecord(*r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+        return [_image_record(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
     def image_by_path(self, path: str) -> ImageRecord | None:
         """The catalogue row of the image at ``path``, if it has one."""
@@ -698,20 +757,34 @@ class Store:
             self._conn()
             .execute(
                 f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ?",
-                (path,),
+                (to_stored(path),),
             )
             .fetchone()
         )
-        return None if row is None else ImageRecord(*row)
+        return None if row is None else _image_record(row)
 
     def ids_under(self, path: str) -> list[int]:
         """Ids of the image at ``path`` or of every image below the folder ``path``."""
         prefix = path.rstrip(os.sep) + os.sep
-        rows = self._conn().execute(
-            "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
-            (path, len(prefix), prefix),
-        )
-        return [r[0] for r in rows]
+        stored = to_stored(prefix)
+        db = self._conn()
+        found = []
+        if not stored.startswith(BYTES_MARK):
+            found = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM images WHERE path = ? OR substr(path, 1, ?) = ?",
+                    (to_stored(path), len(stored), stored),
+                )
+            ]
+        # names stored as bytes (see cbir.names) are few: compared here, decoded
+        for image_id, name in db.execute(
+            "SELECT id, path FROM images WHERE substr(path, 1, 1) = ?", (BYTES_MARK,)
+        ).fetchall():
+            text = from_stored(name) or ""
+            if text == path or text.startswith(prefix):
+                found.append(image_id)
+        return found
 
     def present_descriptors(self) -> dict[int, set[int]]:
         """image id -> ids of the descriptors it has vectors for."""
@@ -751,7 +824,7 @@ class Store:
             f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps(ids),),
         )
-        found = {r[0]: ImageRecord(*r) for r in rows}
+        found = {r[0]: _image_record(r) for r in rows}
         return [found[i] for i in ids]
 
     def names(self, image_ids: Sequence[int] | np.ndarray) -> list[tuple[str, str | None]]:
@@ -769,14 +842,15 @@ class Store:
             )
             if len(known) > MAX_CACHED_NAMES:
                 known.clear()
-            known.update((r[0], (r[1], r[2])) for r in rows)
+            known.update((r[0], (from_stored(r[1]), from_stored(r[2]))) for r in rows)
         return [known[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:
         """Set the label of images by path."""
         with self._writing(), self._transaction() as db:
             db.executemany(
-                "UPDATE images SET label = ? WHERE path = ?", [(v, k) for k, v in labels.items()]
+                "UPDATE images SET label = ? WHERE path = ?",
+                [(None if v is None else to_stored(v), to_stored(k)) for k, v in labels.items()],
             )
 
     def remove_images(self, image_ids: Iterable[int]) -> int:
@@ -791,6 +865,7 @@ class Store:
                     f"DELETE FROM images WHERE id IN (SELECT id FROM {_SCRATCH})"
                 ).rowcount
                 feed.finish()
+                pause_point("remove-commit")
             for d in self.descriptors():
                 self.compact(d.id)
         return removed
@@ -822,15 +897,20 @@ class Store:
                     np.stack([u.vectors[record.spec] for u in rows]), np.float32
                 )
                 staged.append(
-                    (record, self._write_segment(record.id, matrix), [u.path for u in rows])
+                    (
+                        record,
+                        self._write_segment(record.id, matrix),
+                        [to_stored(u.path) for u in rows],
+                    )
                 )
             now = time.time()
+            pause_point("batch-files")
             with self._transaction() as db:
                 db.executemany(
                     "UPDATE images SET mtime_ns = ?, size = ?, label = COALESCE(?, label), "
                     "updated_at = ? WHERE path = ?",
                     [
-                        (u.mtime_ns, u.size, u.label, now, u.path)
+                        (u.mtime_ns, u.size, _stored_label(u), now, to_stored(u.path))
                         for u in updates
                         if u.status == "unchanged"
                     ],
@@ -847,7 +927,7 @@ class Store:
                     [(*_image_columns(u), now) for u in updates if u.status != "unchanged"],
                 )
                 feed = _Feed(db)
-                skipped = [u.path for u in updates if u.status == "skipped"]
+                skipped = [to_stored(u.path) for u in updates if u.status == "skipped"]
                 if skipped:
                     _fill_scratch(db, skipped, by_path=True)
                     feed.remove_scratch()
@@ -862,6 +942,7 @@ class Store:
                     )
                     feed.log_segment(record.id, seg)
                 feed.finish()
+                pause_point("batch-commit")
         except BaseException:
             for record, file, _ in staged:
                 self._segment_path(record.id, file).unlink(missing_ok=True)
@@ -1056,8 +1137,8 @@ class Store:
     ) -> None:
         """Keep what a descriptor learned (arrays only, no pickles), replacing any earlier fit;
         vectors made with an earlier fit are dropped with it (a reset of its change feed).
-        Temp name, fsync, atomic rename. ``images``: how many images it learned from (see
-        :meth:`fitted_images`)."""
+        Temp name, fsync, the transaction that drops the vectors, then the atomic rename.
+        ``images``: how many images it learned from (see :meth:`fitted_images`)."""
         with self._writing():
             path = self._state_path(descriptor_id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1066,6 +1147,7 @@ class Store:
                 np.savez(fh, **{k: np.asarray(v) for k, v in state.items()})
                 fh.flush()
                 os.fsync(fh.fileno())
+            pause_point("state-file")
             with self._transaction() as db:
                 _Feed(db).reset(descriptor_id)
                 db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
@@ -1075,7 +1157,11 @@ class Store:
                         "INSERT INTO meta VALUES (?, ?)",
                         (f"fitted_images:{descriptor_id}", str(int(images))),
                     )
-                os.replace(tmp, path)
+                pause_point("state-commit")
+            # after the commit: a run killed before it keeps the old state with the vectors it
+            # made; killed between the two, the old state stays with no vectors (the next run
+            # extracts them with it); either way vectors never meet a state they were not made by
+            os.replace(tmp, path)
             self.compact(descriptor_id)
 
     def fitted_images(self, descriptor_id: int) -> int | None:
@@ -1133,6 +1219,7 @@ class Store:
                     self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
             return False
         new_file, ids = self._rewrite_live_rows(descriptor_id, live)
+        pause_point("compact-files")
         with self._transaction() as tx:
             if new_file is not None:
                 seg = _insert_segment(tx, descriptor_id, new_file, len(ids))
@@ -1152,11 +1239,238 @@ class Store:
                     (seg, descriptor_id),
                 )
             tx.executemany("DELETE FROM segments WHERE id = ?", [(s["id"],) for s in segs])
+            pause_point("compact-commit")
+        pause_point("compact-unlink")
         # only now, after the commit that stops naming them: readers of older snapshots retry
         for s in segs:
             self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
         return True
 
+
+    # -- checking ----------------------------------------------------------------------------
+    def writer_active(self) -> bool:
+        """Whether another process (or thread) is writing the collection now."""
+        if self._writer is not None:
+            return self._writer is not threading.current_thread()
+        lock = self.root / "lock"
+        if not lock.exists():
+            return False
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    def verify(self, *, repair: bool = False) -> tuple[list[Finding], dict[str, int]]:
+        """Check the catalogue and the vector files against each other (``cbir check``).
+
+        Errors are what cannot be trusted: the catalogue's own integrity, segment files listed
+        but missing, unreadable or of the wrong shape, rows past a file's end, vectors that are
+        not finite, vectors of skipped images, duplicate paths, a change feed out of order.
+        Notes are harmless: files no segment lists (left by a killed run), good images still
+        lacking a descriptor's vectors (the next ``cbir index`` extracts them). With ``repair``
+        (the caller holds the writer) what cannot be trusted is removed, each removal of vectors
+        logged in the change feed, so the next ``cbir index`` redoes those images and indexes
+        follow. Returns the findings and what was looked at.
+
+        Without ``repair`` it reads one snapshot, so a writer running meanwhile cannot make it
+        see half a change; a segment file that writer compacts away during the check is then a
+        note, not an error.
+        """
+        if repair:
+            if self._writer is not threading.current_thread():
+                raise BusyError("repairing needs the writer: call acquire() first")
+            return self._verify(repair=True)
+        with self._snapshot():
+            return self._verify(repair=False)
+
+    def _verify(self, *, repair: bool) -> tuple[list[Finding], dict[str, int]]:
+        findings: list[Finding] = []
+        db = self._conn()
+        seen = {"images": 0, "vectors": 0, "segments": 0}
+        problems = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+        if problems != ["ok"]:
+            findings.append(Finding("catalogue", "the catalogue is damaged: "
+                                    + "; ".join(problems[:5]), error=True))  # fmt: skip
+            return findings, seen  # nothing below can be believed
+        seen["images"] = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        dupes = db.execute(
+            "SELECT path, COUNT(*) FROM images GROUP BY path HAVING COUNT(*) > 1"
+        ).fetchall()
+        if dupes:
+            findings.append(Finding("duplicate-paths", f"{len(dupes)} paths are catalogued "
+                                    "more than once", error=True, repaired=repair))  # fmt: skip
+            if repair:
+                with self._transaction() as tx:
+                    tx.execute("DELETE FROM images WHERE id NOT IN "
+                               "(SELECT MIN(id) FROM images GROUP BY path)")  # fmt: skip
+        self._verify_feed(findings, repair)
+        for record in self.descriptors():
+            self._verify_descriptor(record, findings, seen, repair)
+        self._verify_skipped(findings, repair)
+        orphans = self._orphan_files()
+        if orphans:
+            busy = "; a writer is running, and may be about to list them" if (
+                self.writer_active()) else ""  # fmt: skip
+            findings.append(Finding("orphan-files", f"{len(orphans)} vector files are listed by "
+                                    f"no segment (left by a killed run: harmless, deleted by the "
+                                    f"next writer){busy}", error=False,
+                                    repaired=repair))  # fmt: skip
+            if repair:
+                self._remove_orphans()
+        bare = db.execute(
+            "SELECT COUNT(*) FROM images WHERE status = 'ok' AND id NOT IN "
+            "(SELECT image_id FROM vectors)"
+        ).fetchone()[0]
+        if bare:
+            findings.append(Finding("images-without-vectors", f"{bare} images have no vectors "
+                                    "at all (the next cbir index extracts them)", error=False,
+                                    repaired=repair))  # fmt: skip
+            if repair:  # as if never indexed: the next run redoes them from the start
+                with self._transaction() as tx:
+                    tx.execute("DELETE FROM images WHERE status = 'ok' AND id NOT IN "
+                               "(SELECT image_id FROM vectors)")  # fmt: skip
+        return findings, seen
+
+    def _verify_feed(self, findings: list[Finding], repair: bool) -> None:
+        """Every descriptor has a feed; its log lies between its floor and its generation."""
+        if not self._has_feed():
+            return
+        db = self._conn()
+        bad = db.execute(
+            "SELECT d.id FROM descriptors d LEFT JOIN feed f ON f.descriptor_id = d.id "
+            "WHERE f.descriptor_id IS NULL OR f.generation < f.floor OR EXISTS (SELECT 1 FROM "
+            "changes c WHERE c.descriptor_id = d.id AND (c.generation > f.generation "
+            "OR c.generation <= f.floor))"
+        ).fetchall()
+        if bad:
+            findings.append(Finding("change-feed", f"the change feed of {len(bad)} descriptors "
+                                    "is out of order (indexes of them cannot be caught up)",
+                                    error=True, repaired=repair))  # fmt: skip
+            if repair:  # a reset: every index of them is rebuilt
+                with self._transaction() as tx:
+                    tx.execute("INSERT OR IGNORE INTO feed SELECT id, 0, 0, 0, 0 FROM descriptors")
+                    feed = _Feed(tx)
+                    for (descriptor_id,) in bad:
+                        feed.reset(descriptor_id)
+
+    def _verify_descriptor(
+        self, record: DescriptorRecord, findings: list[Finding], seen: dict[str, int],
+        repair: bool,
+    ) -> None:  # fmt: skip
+        """One descriptor's segments and vectors: present, of its shape, finite."""
+        db = self._conn()
+        label = record.spec
+        segments = db.execute(
+            "SELECT id, file, rows FROM segments WHERE descriptor_id = ?", (record.id,)
+        ).fetchall()
+        table = np.array(
+            db.execute(
+                "SELECT image_id, segment_id, row FROM vectors WHERE descriptor_id = ? "
+                "ORDER BY segment_id, row",
+                (record.id,),
+            ).fetchall(),
+            dtype=np.int64,
+        ).reshape(-1, 3)
+        seen["segments"] += len(segments)
+        seen["vectors"] += len(table)
+        untrusted: list[np.ndarray] = []
+        listed = {int(s["id"]) for s in segments}
+        unlisted = table[~np.isin(table[:, 1], list(listed))] if len(table) else table
+        if len(unlisted):
+            findings.append(Finding("vectors-without-segment", f"{len(unlisted)} vectors of "
+                                    f"{label} name a segment the catalogue lacks", error=True,
+                                    repaired=repair))  # fmt: skip
+            untrusted.append(unlisted[:, 0])
+        for seg in segments:
+            rows = table[table[:, 1] == seg["id"]]
+            path = self._segment_path(record.id, seg["file"])
+            try:
+                mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                shape_ok = mapped.dtype == np.float32 and mapped.shape == (seg["rows"], record.dim)
+            except (OSError, ValueError) as exc:
+                mapped, shape_ok, why = None, False, f"missing or unreadable ({exc})"
+            else:
+                why = f"of shape {mapped.shape} {mapped.dtype}, not ({seg['rows']}, {record.dim})"
+            if not shape_ok and not path.exists() and not repair and self.writer_active():
+                findings.append(Finding("segment-file", f"vector file {path} of {label} went "
+                                        "while a writer runs (compacted away, most likely): "
+                                        "check again once it is done", error=False))  # fmt: skip
+                continue
+            if not shape_ok:
+                findings.append(Finding("segment-file", f"vector file {path} of {label} is "
+                                        f"{why}: {len(rows)} vectors lost", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[:, 0])
+                continue
+            past = rows[:, 2] >= seg["rows"]
+            if past.any():
+                findings.append(Finding("rows-past-end", f"{int(past.sum())} vectors of {label} "
+                                        f"point past the end of {path}", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[past, 0])
+                rows = rows[~past]
+            finite = np.ones(len(rows), dtype=bool)
+            for lo in range(0, len(rows), COMPACT_BLOCK_ROWS):
+                block = np.asarray(mapped[rows[lo : lo + COMPACT_BLOCK_ROWS, 2]])
+                finite[lo : lo + COMPACT_BLOCK_ROWS] = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                findings.append(Finding("not-finite", f"{int((~finite).sum())} vectors of "
+                                        f"{label} hold NaN or infinite values", error=True,
+                                        repaired=repair))  # fmt: skip
+                untrusted.append(rows[~finite, 0])
+        lacking = db.execute(
+            "SELECT COUNT(*) FROM images WHERE status = 'ok' AND id NOT IN "
+            "(SELECT image_id FROM vectors WHERE descriptor_id = ?)",
+            (record.id,),
+        ).fetchone()[0]
+        if lacking:
+            findings.append(Finding("lacking-vectors", f"{lacking} images lack {label} vectors "
+                                    "(the next cbir index extracts them)",
+                                    error=False))  # fmt: skip
+        if repair and untrusted:
+            self._drop_vectors(record.id, np.unique(np.concatenate(untrusted)))
+            self.compact(record.id, force=True)
+
+    def _verify_skipped(self, findings: list[Finding], repair: bool) -> None:
+        """A skipped image has no vectors (they would be found by searches)."""
+        ids = [r[0] for r in self._conn().execute(
+            "SELECT DISTINCT image_id FROM vectors WHERE image_id IN "
+            "(SELECT id FROM images WHERE status = 'skipped')"
+        )]  # fmt: skip
+        if not ids:
+            return
+        findings.append(Finding("vectors-of-skipped", f"{len(ids)} skipped images have vectors",
+                                error=True, repaired=repair))  # fmt: skip
+        if repair:
+            for record in self.descriptors():
+                self._drop_vectors(record.id, np.asarray(ids, np.int64))
+
+    def _drop_vectors(self, descriptor_id: int, image_ids: np.ndarray) -> None:
+        """Remove some vectors of a descriptor, logged as removed in its change feed."""
+        with self._transaction() as db:
+            _fill_scratch(db, image_ids.tolist())
+            feed = _Feed(db)
+            feed.remove_scratch_of(descriptor_id)
+            db.execute(
+                f"DELETE FROM vectors WHERE descriptor_id = ? AND image_id IN "
+                f"(SELECT id FROM {_SCRATCH})",
+                (descriptor_id,),
+            )
+            feed.finish()
+
+    def clear_vectors(self, descriptor_id: int) -> None:
+        """Drop every vector of a descriptor (a reset of its change feed), e.g. when what it
+        learned is lost: the next ``cbir index`` fits and extracts it again."""
+        with self._writing():
+            with self._transaction() as db:
+                _Feed(db).reset(descriptor_id)
+                db.execute("DELETE FROM vectors WHERE descriptor_id = ?", (descriptor_id,))
+                db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
+            self._state_path(descriptor_id).unlink(missing_ok=True)
+            self.compact(descriptor_id)
 
 class _Feed:
     """The change feed inside one write transaction: bumps each descriptor it touches once,
@@ -1206,13 +1520,17 @@ class _Feed:
             f"(SELECT id FROM {_SCRATCH})"
         ).fetchall()
         for (descriptor_id,) in touched:
-            self._log(
-                descriptor_id,
-                _REMOVED,
-                f"SELECT image_id FROM vectors WHERE descriptor_id = ? "
-                f"AND image_id IN (SELECT id FROM {_SCRATCH})",
-                (descriptor_id,),
-            )
+            self.remove_scratch_of(descriptor_id)
+
+    def remove_scratch_of(self, descriptor_id: int) -> None:
+        """Log as removed the vectors of one descriptor of the images in the scratch table."""
+        self._log(
+            descriptor_id,
+            _REMOVED,
+            f"SELECT image_id FROM vectors WHERE descriptor_id = ? "
+            f"AND image_id IN (SELECT id FROM {_SCRATCH})",
+            (descriptor_id,),
+        )
 
     def reset(self, descriptor_id: int) -> None:
         """Every vector of the descriptor is dropped: the log restarts at the new generation."""
@@ -1280,8 +1598,23 @@ def _fill_scratch(db: sqlite3.Connection, values: Sequence[Any], *, by_path: boo
     db.execute(f"INSERT OR IGNORE INTO {_SCRATCH} (id) {source}", (json.dumps(list(values)),))
 
 
+def _stored_label(u: ImageUpdate) -> str | None:
+    return None if u.label is None else to_stored(u.label)
+
+
 def _image_columns(u: ImageUpdate) -> tuple[Any, ...]:
-    return (u.path, u.sha256, u.size, u.mtime_ns, u.status, u.reason, u.label, u.width, u.height)
+    # a reason is text for people: an undecodable byte in one is shown escaped
+    reason = None if u.reason is None else u.reason.encode("utf-8", "backslashreplace").decode()
+    return (to_stored(u.path), u.sha256, u.size, u.mtime_ns, u.status,
+            reason, _stored_label(u), u.width, u.height)  # fmt: skip
+
+
+def _image_record(row: Sequence[Any]) -> ImageRecord:
+    """A catalogue row as a record, its name and label as they were given (cbir.names)."""
+    record = ImageRecord(*row)
+    if record.path.startswith(BYTES_MARK) or (record.label or "").startswith(BYTES_MARK):
+        record = replace(record, path=from_stored(record.path), label=from_stored(record.label))
+    return record
 
 
 def _insert_segment(db: sqlite3.Connection, descriptor_id: int, file: str, rows: int) -> int:

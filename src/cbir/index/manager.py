@@ -272,6 +272,15 @@ class IndexManager:
                 continue  # unreadable: rebuilt when it is next used
         return found
 
+    def discard(self, descriptor_id: int, metric: str, kind: str) -> None:
+        """Forget a saved index (its record first, then its file): it is rebuilt when next
+        used (``cbir check --repair`` of one that cannot be trusted)."""
+        with self._lock:
+            self._entries = {k: e for k, e in self._entries.items()
+                             if (k[0], k[1], e.kind) != (descriptor_id, metric, kind)}  # fmt: skip
+            for path in reversed(self._paths(descriptor_id, metric, kind)):
+                path.unlink(missing_ok=True)
+
     def _load_saved(self, record: DescriptorRecord, metric: Metric, kind: str) -> _Entry | None:
         index_file, record_file = self._paths(record.id, metric.name, kind)
         try:

@@ -16,7 +16,7 @@ import numpy as np
 
 from cbir import holdings, images
 from cbir.config import Settings
-from cbir.errors import InvalidRequestError
+from cbir.errors import InvalidRequestError, NotFoundError
 from cbir.extraction import extract_arrays
 from cbir.features import Descriptor, create_descriptor
 from cbir.index.manager import IndexManager
@@ -47,9 +47,15 @@ class Searcher:
         depth = max(request.k, RRF_DEPTH) if request.fused else request.k
         rankings, kinds, n_queries = [], [], 0
         for record, metric in zip(records, metrics, strict=True):
+            index = self.indexes.index(record, metric, exact=request.exact)
+            if not len(index):
+                raise NotFoundError(
+                    f"the collection at {self.store.root} holds no images with "
+                    f"{holdings.short_label(record.spec)} vectors yet: add some with "
+                    "`cbir index DIR`"
+                )
             vectors, query_ids = self.query_vectors(query, record)
             n_queries = len(vectors)
-            index = self.indexes.index(record, metric, exact=request.exact)
             kinds.append(index.kind)
             exclude = np.asarray(query_ids, np.int64) if request.exclude_queries else None
             if request.expand:
