@@ -186,6 +186,8 @@ _MOVED = f"temp.{_MOVED_TABLE}"
 _T = TypeVar("_T")
 #: Hit names (path, label) kept between searches while the catalogue is unchanged.
 MAX_CACHED_NAMES = 100_000
+#: Segment memory maps kept open between reads of a few rows (a re-rank's candidates).
+MAX_MAPPED_SEGMENTS = 256
 #: The catalogue is read through a memory map up to this size: the rows of a search's hits cost
 #: no system call each.
 SQLITE_MMAP_BYTES = 1 << 30
@@ -311,6 +313,8 @@ class Store:
         # what searches read on every query (descriptors, generations, hit names), kept until
         # the catalogue changes: (change token, value) by what it is
         self._cached: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}  # see _mapped_segment
+        self._maps_lock = threading.Lock()
         self._commits = 0  # transactions this store committed (its own connections' changes)
         #: every thread's connection, by thread: close() closes them all
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
@@ -350,6 +354,7 @@ class Store:
             self._give_back()
         self._closed = True
         self._close_connections()
+        self._maps.clear()
 
     def __enter__(self) -> Store:
         return self
@@ -1014,6 +1019,25 @@ class Store:
             ).fetchall()
         )
 
+    def _mapped_segment(self, descriptor_id: int, file: str, listed: dict[int, str]) -> np.ndarray:
+        """A segment's memory map, kept between reads (segment files never change, so a map
+        stays right; opening one costs more than the rows a re-rank reads from it). Maps of
+        files the snapshot no longer lists (``listed``: compacted away) are let go, so their
+        disk space is freed."""
+        key = (descriptor_id, file)
+        mapped = self._maps.get(key)
+        if mapped is None:
+            mapped = self._open_segment(descriptor_id, file)
+            with self._maps_lock:
+                current = set(listed.values())
+                stale = [k for k in self._maps if k[0] == descriptor_id and k[1] not in current]
+                for gone in stale:
+                    del self._maps[gone]
+                while len(self._maps) >= MAX_MAPPED_SEGMENTS:
+                    del self._maps[next(iter(self._maps))]  # the oldest first
+                self._maps[key] = mapped
+        return mapped
+
     def _open_segment(self, descriptor_id: int, file: str) -> np.ndarray:
         path = self._segment_path(descriptor_id, file)
         try:
@@ -1066,12 +1090,15 @@ class Store:
             out = np.empty((len(wanted), dim), dtype=np.float32)
             if not len(wanted):
                 return out
+            # the ids drive the join: one primary-key lookup each (SQLite's plan for
+            # "IN (SELECT value FROM json_each(?))" probes the list once per row it scans)
             rows = db.execute(
-                "SELECT image_id, segment_id, row FROM vectors WHERE descriptor_id = ? "
-                "AND image_id IN (SELECT value FROM json_each(?)) ORDER BY image_id",
-                (descriptor_id, json.dumps(wanted.tolist())),
+                "SELECT v.image_id, v.segment_id, v.row FROM json_each(?) AS j "
+                "CROSS JOIN vectors AS v ON v.descriptor_id = ? AND v.image_id = j.value",
+                (json.dumps(wanted.tolist()), descriptor_id),
             ).fetchall()
             table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            table = table[np.argsort(table[:, 0], kind="stable")]
             at = np.minimum(np.searchsorted(table[:, 0], wanted), max(len(table) - 1, 0))
             missing = ~np.isin(wanted, table[:, 0])
             if missing.any():
@@ -1080,7 +1107,7 @@ class Store:
             files = self._segment_files(db, descriptor_id)
             for seg in np.unique(seg_of).tolist():
                 sel = seg_of == seg
-                out[sel] = self._open_segment(descriptor_id, files[seg])[row_of[sel]]
+                out[sel] = self._mapped_segment(descriptor_id, files[seg], files)[row_of[sel]]
             return out
 
         return self._read_segments(read)
@@ -1245,7 +1272,6 @@ class Store:
         for s in segs:
             self._segment_path(descriptor_id, s["file"]).unlink(missing_ok=True)
         return True
-
 
     # -- checking ----------------------------------------------------------------------------
     def writer_active(self) -> bool:
@@ -1471,6 +1497,7 @@ class Store:
                 db.execute("DELETE FROM meta WHERE key = ?", (f"fitted_images:{descriptor_id}",))
             self._state_path(descriptor_id).unlink(missing_ok=True)
             self.compact(descriptor_id)
+
 
 class _Feed:
     """The change feed inside one write transaction: bumps each descriptor it touches once,
