@@ -26,6 +26,9 @@ SPACE_DISTANCES = {
     "ip": lambda Q, X: Q @ X.T,
     "l1": lambda Q, X: np.abs(Q[:, None, :] - X[None]).sum(-1),
     "linf": lambda Q, X: np.abs(Q[:, None, :] - X[None]).max(-1),
+    "canberra": lambda Q, X: (
+        np.abs(Q[:, None, :] - X[None]) / (np.abs(Q[:, None, :]) + np.abs(X[None]))
+    ).sum(-1),
 }
 
 
@@ -72,6 +75,19 @@ def test_hnsw_finds_the_true_neighbours_of_hard_metrics(metric, histograms):
     assert recall >= 0.95
     full = get_metric(metric).pairwise(Q, X)  # the scores are the metric's own
     np.testing.assert_allclose(D, np.take_along_axis(full, got, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_canberra_candidates_come_in_the_metric_s_own_order(histograms):
+    """FAISS's Canberra over rows with their zeros nudged off zero ranks as the metric does
+    (0/0 terms count 0, not NaN), so its candidates need no wide net: one per result."""
+    X, Q = histograms
+    index = create_index("flat", metric="canberra", dim=X.shape[1], rerank=1)
+    assert index.route.space == "canberra"
+    index.add(np.arange(len(X)), X)
+    D, ids = index.search(Q, 10)
+    full = get_metric("canberra").pairwise(Q, X)
+    np.testing.assert_allclose(D, np.sort(full, axis=1)[:, :10], atol=1e-9)
+    np.testing.assert_allclose(D, np.take_along_axis(full, ids, axis=1), atol=1e-9)
 
 
 def test_a_lossy_index_routes_l1_metrics_through_their_fallback(histograms):

@@ -70,7 +70,7 @@ PQ_BITS = 8
 
 #: The FAISS metric of each route space.
 _SPACES = {"l2": "METRIC_L2", "ip": "METRIC_INNER_PRODUCT", "l1": "METRIC_L1",
-           "linf": "METRIC_Linf"}  # fmt: skip
+           "linf": "METRIC_Linf", "canberra": "METRIC_Canberra"}  # fmt: skip
 #: The spaces FAISS computes over quantised codes (PQ, SQ).
 LOSSY_SPACES = ("l2", "ip")
 #: Factory components that keep approximations of the vectors, not the vectors.

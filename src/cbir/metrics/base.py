@@ -28,8 +28,8 @@ import numpy as np
 Prepared = Any  # np.ndarray or tuple[np.ndarray, ...], first axis = rows
 
 #: The metrics a vector index computes itself over embedded rows: squared L2 (as FAISS and
-#: Milvus report it), inner product (larger is closer), L1 and L-infinity.
-SPACES = ("l2", "ip", "l1", "linf")
+#: Milvus report it), inner product (larger is closer), L1, L-infinity and Canberra (FAISS's).
+SPACES = ("l2", "ip", "l1", "linf", "canberra")
 RouteKind = Literal["native", "embedded", "rerank"]
 
 

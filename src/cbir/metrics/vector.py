@@ -177,6 +177,16 @@ def _prepare_canberra(X: np.ndarray) -> np.ndarray:
     return _prepare_f64(X) * 0.5
 
 
+#: What a zero becomes in the rows FAISS's Canberra compares: a 0/0 term is then 0, as in the
+#: metric, and a term of a zero against any ordinary value stays 1 (float32 keeps it normal).
+CANBERRA_NUDGE = 1e-30
+
+
+def _zeros_nudged(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    return np.where(X == 0, CANBERRA_NUDGE, X)
+
+
 def cdist_compare(kind: str, factor: float = 1.0) -> Callable[[Prepared, Prepared], np.ndarray]:
     """A ``compare`` running SciPy's C ``cdist`` on float64 prepared rows."""
 
@@ -294,7 +304,8 @@ register_metric(
         formula="sum_i |x_i - y_i| / (|x_i| + |y_i|), with 0/0 = 0",
         prepare=_prepare_canberra,
         compare=cdist_compare("canberra"),
-        # FAISS's own Canberra gives NaN for 0/0 terms; L1 finds the candidates instead
-        route=Route("rerank", "l1"),
+        # FAISS's own Canberra, on rows whose zeros are nudged off zero (it gives NaN for 0/0
+        # terms): the same ranking but where values are as tiny; the candidates are re-ranked
+        route=Route("rerank", "canberra", embed=_zeros_nudged),
     )
 )
