@@ -29,6 +29,7 @@ from cbir import errors
 from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
 from cbir.holdings import short_label
+from cbir.search.feedback import Feedback
 from cbir.search.result import SearchResult
 
 app = typer.Typer(
@@ -130,6 +131,18 @@ def _number_or_text(value: str) -> int | float | str:
         with contextlib.suppress(ValueError):
             return kind(value)
     return value
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    """Numbers separated by commas (``1,0.75,0.15``), None when not given."""
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise errors.InvalidRequestError(
+            f"{option} takes numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _open(collection: Path | None, *, create: bool = False, **overrides: Any) -> Collection:
@@ -390,11 +403,33 @@ def search(
         int | None,
         typer.Option(help="Candidates per result ranked again by the exact metric."),
     ] = None,
+    like: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--like", help="Id of a result that is relevant: the query moves toward it "
+            "(relevance feedback; repeatable)."
+        ),
+    ] = None,
+    unlike: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--unlike", help="Id of a result that is not relevant: the query moves away "
+            "from it (repeatable)."
+        ),
+    ] = None,
+    rocchio: Annotated[
+        str | None,
+        typer.Option(
+            help="Feedback weights alpha,beta,gamma: of the query, of the relevant and of the "
+            "not relevant images (default 1,0.75,0.15)."
+        ),
+    ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the images that look most like the query image(s)."""
     with _user_errors():
+        feedback = Feedback.from_weights(like or (), unlike or (), _numbers(rocchio, "--rocchio"))
         col = _open(collection, index=index, index_params=_index_params(index_param, uri))
         result = col.search(
             [str(q) for q in queries],
@@ -408,6 +443,7 @@ def search(
             ef=ef,
             nprobe=nprobe,
             rerank=rerank,
+            feedback=feedback,
         )
         col.close()
     if as_json:

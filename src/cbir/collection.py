@@ -36,8 +36,10 @@ from cbir.ingest import (
     ProgressCallback,
     Run,
 )
+from cbir.search.explain import Explanation, explain
+from cbir.search.feedback import Feedback
 from cbir.search.request import SearchRequest
-from cbir.search.result import SearchResult
+from cbir.search.result import Hit, SearchResult
 from cbir.search.searcher import Query, QueryLike, Searcher
 from cbir.store import DescriptorRecord, Store
 
@@ -178,9 +180,14 @@ class Collection:
         ef: int | None = None,
         nprobe: int | None = None,
         rerank: int | None = None,
+        offset: int = 0,
+        feedback: Feedback | None = None,
+        label: str | None = None,
+        folder: str | None = None,
     ) -> SearchResult:
-        """The ``k`` images closest to the query (an image path, encoded bytes, a vector, or a
-        list of these combined by ``combine``: "mean", "min" or "rrf").
+        """The ``k`` images closest to the query (an image path, encoded bytes, a vector, the
+        id of an image in the collection, a :class:`cbir.search.Region` of an image, or a list
+        of these combined by ``combine``: "mean", "min" or "rrf").
 
         ``descriptor`` defaults to the collection's first, ``metric`` to the descriptor's
         default. Several descriptors (a list, with one metric each or None for their defaults)
@@ -190,8 +197,11 @@ class Collection:
         averaged with its top K results (average query expansion, see ``cbir.search``).
         Past ``Settings.auto_threshold`` images an approximate index answers (``exact=True``
         scans instead); ``ef`` (HNSW), ``nprobe`` (IVF) and ``rerank`` (candidates ranked
-        again per result) trade its speed for recall, per query. The result iterates over its
-        hits and says what ranked them (``to_dict()`` for JSON).
+        again per result) trade its speed for recall, per query. ``offset`` skips that many
+        results (pages). ``feedback`` (:class:`cbir.search.Feedback`: ids marked relevant and
+        not relevant, and Rocchio's weights) moves the query before ranking. ``label`` and
+        ``folder`` keep only images with that label, or in a folder of that name. The result
+        iterates over its hits and says what ranked them (``to_dict()`` for JSON).
         """
         request = SearchRequest.build(
             k,
@@ -204,8 +214,30 @@ class Collection:
             ef=ef,
             nprobe=nprobe,
             rerank=rerank,
+            offset=offset,
+            feedback=feedback,
+            label=label,
+            folder=folder,
         )
         return self._searcher.search(query, request)
+
+    def explain(
+        self,
+        query: Query,
+        hit: int | Hit,
+        *,
+        descriptor: str | None = None,
+        metric: str | None = None,
+    ) -> Explanation:
+        """Why ``hit`` (an image id, or a :class:`cbir.Hit`) is close to ``query`` (any query
+        :meth:`search` takes): each block's share of the distance for a fused descriptor, the
+        colours two histograms share most, heat maps of the matching places for a CNN
+        descriptor (see ``cbir.search.explain``); ``to_dict()`` for JSON."""
+        record = self.descriptor(descriptor)
+        image_id = hit.id if isinstance(hit, Hit) else hit
+        return explain(
+            self._searcher, query, image_id, record, holdings.check_metric(record, metric)
+        )
 
     def query_vectors(
         self, query: Query, record: DescriptorRecord
