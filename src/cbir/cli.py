@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -801,6 +802,46 @@ def metrics(as_json: JsonOpt = False) -> None:
             ROUTE_TEXT[r["route"]].format(space=r["index_space"]),
         )
     out.print(table)
+
+
+# -- serve -----------------------------------------------------------------------------------
+@app.command()
+def serve(
+    collection_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[COLLECTION]",
+            help="Collection directory (default: --collection, CBIR_COLLECTION or ./.cbir).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; loopback unless told otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads that run searches (default: one per core).")
+    ] = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Serve the collection: a REST API (OpenAPI at /docs) and a web page at /.
+
+    Writes (adding, deleting images) need CBIR_API_KEY set; folders clients may add are those
+    below CBIR_ROOTS. See docs/security.md before listening beyond loopback."""
+    with _user_errors():
+        from cbir.server import create_app, require_serve_extra
+
+        require_serve_extra()
+        import uvicorn
+
+        settings = _settings(collection_dir or collection)
+        server = dataclasses.replace(
+            settings.server, host=host, port=port, workers=workers or settings.server.workers
+        )
+        settings = dataclasses.replace(settings, server=server)
+        web = create_app(settings)
+    out.print(f"cbir serving {settings.collection} at http://{host}:{port}/", highlight=False)
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 # -- demo ------------------------------------------------------------------------------------

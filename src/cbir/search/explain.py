@@ -116,7 +116,7 @@ def explain(
     q = vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
     h = searcher.stored_vectors(record, [hit])[0]
     distance = float(get_metric(metric).pairwise(q[None], h[None])[0, 0])
-    descriptor = holdings.instance(searcher.store, record)
+    descriptor = searcher.instance(record)
     base = dict(hit=hit, descriptor=holdings.short_label(record.spec), metric=metric)
     if isinstance(descriptor, Fusion):
         blocks = _blocks(descriptor, q, h)

@@ -43,6 +43,17 @@ class Searcher:
         self.store = store
         self.settings = settings
         self.indexes = indexes
+        #: descriptor id -> (state stamp, ready descriptor): models and fitted state loaded once
+        self._instances: dict[int, tuple[int | None, Descriptor]] = {}
+
+    def instance(self, record: DescriptorRecord) -> Descriptor:
+        """The ready descriptor of a record, loaded once and again only after a refit."""
+        stamp = self.store.state_stamp(record.id)
+        held = self._instances.get(record.id)
+        if held is None or held[0] != stamp or held[1].spec != record.spec:
+            held = (stamp, holdings.instance(self.store, record))
+            self._instances[record.id] = held
+        return held[1]
 
     def search(self, query: Query, request: SearchRequest) -> SearchResult:
         """Rank the collection for ``query`` as ``request`` says."""
@@ -209,7 +220,7 @@ class Searcher:
     ) -> np.ndarray:
         """Vectors of query images (paths or encoded bytes): each decoded as indexing decodes
         it, then described in one batch; an unusable image is named in the error."""
-        descriptor = holdings.instance(self.store, record)
+        descriptor = self.instance(record)
         together = self._decoded_with(record)
         arrays = []
         for _, item in items:
