@@ -86,6 +86,7 @@ async def stats(svc: ServiceDep) -> dict[str, Any]:
         "max_offset": server.max_offset,
     }
     summary["writes"] = server.api_key is not None
+    summary["batching"] = {"batches": svc.batcher.batches, "images": svc.batcher.images}
     return summary
 
 
