@@ -94,7 +94,13 @@ class ServerSettings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers if self.workers > 0 else max(1, len(os.sched_getaffinity(0)))
+        """Search threads: ``workers``, or one per available core."""
+        if self.workers > 0:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,6 @@ class _DeepBase(Descriptor):
                 squared = [_square(arrays[i], side) for i in idx]
                 yield idx, net.features(net.tensor(squared), stages)
 
-
     def spatial_maps(
         self, images: Sequence[np.ndarray], stages: Sequence[int] | None = None
     ) -> list[list[np.ndarray]]:

@@ -32,7 +32,6 @@ from cbir.images import ImageError
 from cbir.server.batching import Batcher
 from cbir.server.jobs import Jobs
 from cbir.server.limits import BodyLimit
-from cbir.store import DescriptorRecord
 
 STATIC = Path(__file__).parent / "static"
 
@@ -93,9 +92,12 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
-    async def _describe(self, record: DescriptorRecord, items: Sequence[Any]) -> np.ndarray:
-        vectors, _ = await self.run(self.collection.query_vectors, list(items), record)
-        return vectors
+    async def _describe(self, descriptor: str | None, items: Sequence[Any]) -> np.ndarray:
+        return await self.run(self._vectors, descriptor, list(items))
+
+    def _vectors(self, descriptor: str | None, items: list[Any]) -> np.ndarray:
+        record = self.collection.descriptor(descriptor)
+        return self.collection.query_vectors(items, record)[0]
 
     def close(self) -> None:
         self.jobs.close()

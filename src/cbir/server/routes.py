@@ -210,9 +210,8 @@ async def _search(svc: Service, form: SearchForm, uploads: list[bytes]) -> dict[
     descriptors = form.descriptor or [None]
     if uploads and len(descriptors) == 1:
         # described with other requests' uploads, in one batch
-        record = await svc.run(svc.collection.descriptor, descriptors[0])
         images = [q for q in query if not isinstance(q, int)]
-        vectors = await svc.batcher.vectors(record, images)
+        vectors = await svc.batcher.vectors(descriptors[0], images)
         query = [vectors, *(q for q in query if isinstance(q, int))]
     result = await svc.run(
         svc.collection.search,

@@ -10,6 +10,7 @@ const state = {
   image: null,        // the query image, drawn on the canvas
   stats: null,
   marks: new Map(),   // id -> "like" | "unlike"
+  applied: null,      // the marks the shown ranking was refined with
   offset: 0,
   browseOffset: 0,
   busy: false,
@@ -225,9 +226,10 @@ async function search({ append = false, refine = false } = {}) {
   form.append("k", k);
   form.append("offset", state.offset);
   if ($("label").value) form.append("label", $("label").value);
-  if (refine || append) {
-    for (const [id, mark] of state.marks) form.append(mark, id);
-  }
+  // a refined ranking's next page is of the same refined ranking
+  if (refine) state.applied = new Map(state.marks);
+  else if (!append) state.applied = null;
+  for (const [id, mark] of state.applied || []) form.append(mark, id);
   setBusy(true, refine ? "Refining…" : "Searching…");
   try {
     const result = await api("/api/search", { method: "POST", body: form });
