@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.test_page import CHROMIUM, CHROMIUM_ARGS, _free_port  # noqa: E402
+from tests.browser import chromium, free_port  # noqa: E402
 
 from cbir.config import ServerSettings, Settings  # noqa: E402
 from cbir.demo import DEMO_QUERY, run_demo  # noqa: E402
@@ -30,11 +30,10 @@ RESULTS = 12
 
 def main(workdir: Path) -> Path:
     import uvicorn
-    from playwright.sync_api import sync_playwright
 
     from cbir.server import create_app
 
-    port = _free_port()
+    port = free_port()
     settings = Settings.from_env(collection=workdir / ".cbir-demo")
     run = run_demo(workdir / "demo-images", settings.collection, settings=settings)
     settings = Settings.from_env(collection=settings.collection, server=ServerSettings(port=port))
@@ -46,14 +45,7 @@ def main(workdir: Path) -> Path:
     while not web.started:
         time.sleep(0.05)
     try:
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(
-                tempfile.mkdtemp(prefix="cbir-chromium-"),
-                executable_path=CHROMIUM,
-                headless=True,
-                args=CHROMIUM_ARGS,
-                viewport={"width": 1200, "height": 860},
-            )
+        with chromium(viewport={"width": 1200, "height": 860}) as context:
             page = context.new_page()
             page.set_default_timeout(120_000)
             page.goto(f"http://127.0.0.1:{port}/")
@@ -66,7 +58,6 @@ def main(workdir: Path) -> Path:
             )
             OUT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(OUT), full_page=True, type="jpeg", quality=JPEG_QUALITY)
-            context.close()
     finally:
         web.should_exit = True
         thread.join(timeout=30)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,19 +17,9 @@ from PIL import Image
 
 from cbir import Collection
 from cbir.config import ServerSettings, Settings
+from tests.browser import CHROMIUM, chromium, free_port
 from tests.conftest import COLOURS, write_colour_set
 
-CHROMIUM = "/usr/bin/chromium"
-#: A fresh, quiet browser: no GPU, no updates, no sync, no first-run pages, no network but ours.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTEFACTS = Path(os.environ.get("CBIR_ARTEFACTS", Path(__file__).parents[1] / "tmp" / "artefacts"))
 #: How long the page may take to show what a test waits for (a loaded 2-core machine).
 WAIT_MS = 20_000
@@ -42,12 +29,6 @@ if not os.path.exists(CHROMIUM):
     if os.environ.get("CBIR_E2E") == "required":  # make test installs it: its absence is a bug
         raise RuntimeError(f"{CHROMIUM} is missing; install it with: apt-get install chromium")
     pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         collection=root / "col",
         workers=1,
         default_descriptors=("color-hist", "phash"),
-        server=ServerSettings(port=_free_port()),
+        server=ServerSettings(port=free_port()),
     )
     with Collection(settings.collection, settings=settings) as col:
         col.add(root / "images", labels="folder")
@@ -85,20 +66,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="cbir-chromium-")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            profile,
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
+    with chromium(viewport={"width": 1280, "height": 900}) as context:
         yield context
-        context.close()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture
