@@ -16,7 +16,8 @@ const state = {
   busy: false,
 };
 const PAGE = 48;
-const KEY_STEP = 0.05;  // how far an arrow key moves or grows the box (fraction of the image)
+const KEY_STEP = 0.05;
+const HEAT_DIM = 0.8;   // how dark the worst-matching places of a heat map are drawn  // how far an arrow key moves or grows the box (fraction of the image)
 
 // -- talking to the server -------------------------------------------------------------------
 async function api(url, options = {}) {
@@ -420,13 +421,13 @@ function heatFigure(src, grid, caption, box) {
     const cctx = cells.getContext("2d");
     const data = cctx.createImageData(cols, rows);
     for (let y = 0; y < rows; y++) for (let x = 0; x < cols; x++) {
+      // places that match poorly are dimmed, those that match well left bright
       const v = grid[y][x], i = 4 * (y * cols + x);
-      data.data[i] = 255; data.data[i + 1] = Math.round(200 * (1 - v)); data.data[i + 2] = 0;
-      data.data[i + 3] = Math.round(40 + 170 * v);
+      data.data[i] = 0; data.data[i + 1] = 0; data.data[i + 2] = 0;
+      data.data[i + 3] = Math.round(HEAT_DIM * 255 * (1 - v));
     }
     cctx.putImageData(data, 0, 0);
     ctx.imageSmoothingEnabled = true;
-    ctx.globalCompositeOperation = "multiply";
     ctx.drawImage(cells, 0, 0, canvas.width, canvas.height);
   };
   img.src = src;
