@@ -7,20 +7,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,deep,ray,milvus,milvus-server]"
+	$(BIN)/pip install --quiet -e ".[test,deep,ray,milvus,milvus-server,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cbir demo
 
-test: $(STAMP)
+# The page's end-to-end tests drive Debian's chromium (Playwright downloads no browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	CBIR_E2E=required $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -9,13 +9,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Collection", "Hit", "ImageError", "SearchResult", "Settings", "__version__"]
+__all__ = [
+    "Box",
+    "Collection",
+    "Feedback",
+    "Hit",
+    "ImageError",
+    "Region",
+    "SearchResult",
+    "Settings",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from cbir.collection import Collection
     from cbir.config import Settings
     from cbir.images import ImageError
-    from cbir.search import Hit, SearchResult
+    from cbir.search import Box, Feedback, Hit, Region, SearchResult
 
 
 def __getattr__(name: str) -> Any:
@@ -32,7 +42,7 @@ def __getattr__(name: str) -> Any:
         from cbir.images import ImageError
 
         return ImageError
-    if name in ("Hit", "SearchResult"):
+    if name in ("Box", "Feedback", "Hit", "Region", "SearchResult"):
         import cbir.search
 
         return getattr(cbir.search, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from cbir.collection import Collection, IndexInterrupted, IndexReport
 from cbir.config import Settings
 from cbir.holdings import short_label
 from cbir.names import printable
+from cbir.search.feedback import Feedback
 from cbir.search.result import SearchResult
 
 app = typer.Typer(
@@ -133,6 +135,18 @@ def _number_or_text(value: str) -> int | float | str:
         with contextlib.suppress(ValueError):
             return kind(value)
     return value
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    """Numbers separated by commas (``1,0.75,0.15``), None when not given."""
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise errors.InvalidRequestError(
+            f"{option} takes numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _open(collection: Path | None, *, create: bool = False, **overrides: Any) -> Collection:
@@ -393,11 +407,33 @@ def search(
         int | None,
         typer.Option(help="Candidates per result ranked again by the exact metric."),
     ] = None,
+    like: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--like", help="Id of a result that is relevant: the query moves toward it "
+            "(relevance feedback; repeatable)."
+        ),
+    ] = None,
+    unlike: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--unlike", help="Id of a result that is not relevant: the query moves away "
+            "from it (repeatable)."
+        ),
+    ] = None,
+    rocchio: Annotated[
+        str | None,
+        typer.Option(
+            help="Feedback weights alpha,beta,gamma: of the query, of the relevant and of the "
+            "not relevant images (default 1,0.75,0.15)."
+        ),
+    ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the images that look most like the query image(s)."""
     with _user_errors():
+        feedback = Feedback.from_weights(like or (), unlike or (), _numbers(rocchio, "--rocchio"))
         col = _open(collection, index=index, index_params=_index_params(index_param, uri))
         result = col.search(
             [str(q) for q in queries],
@@ -411,6 +447,7 @@ def search(
             ef=ef,
             nprobe=nprobe,
             rerank=rerank,
+            feedback=feedback,
         )
         col.close()
     if as_json:
@@ -810,6 +847,46 @@ def metrics(as_json: JsonOpt = False) -> None:
             ROUTE_TEXT[r["route"]].format(space=r["index_space"]),
         )
     out.print(table)
+
+
+# -- serve -----------------------------------------------------------------------------------
+@app.command()
+def serve(
+    collection_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[COLLECTION]",
+            help="Collection directory (default: --collection, CBIR_COLLECTION or ./.cbir).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; loopback unless told otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads that run searches (default: one per core).")
+    ] = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Serve the collection: a REST API (OpenAPI at /docs) and a web page at /.
+
+    Writes (adding, deleting images) need CBIR_API_KEY set; folders clients may add are those
+    below CBIR_ROOTS. See docs/security.md before listening beyond loopback."""
+    with _user_errors():
+        from cbir.server import create_app, require_serve_extra
+
+        require_serve_extra()
+        import uvicorn
+
+        settings = _settings(collection_dir or collection)
+        server = dataclasses.replace(
+            settings.server, host=host, port=port, workers=workers or settings.server.workers
+        )
+        settings = dataclasses.replace(settings, server=server)
+        web = create_app(settings)
+    out.print(f"cbir serving {settings.collection} at http://{host}:{port}/", highlight=False)
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 # -- demo ------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ import numpy as np
 from cbir import holdings
 from cbir.check import CheckReport, check_collection
 from cbir.config import Settings
-from cbir.errors import NotFoundError
+from cbir.errors import InvalidRequestError, NotFoundError
 from cbir.export import export
-from cbir.features import Descriptor
+from cbir.features import Descriptor, get_descriptor_class, metrics_for
 from cbir.index.manager import IndexManager, SearchIndex, choose_kind
 from cbir.ingest import (
     LABEL_SOURCES,
@@ -37,10 +37,13 @@ from cbir.ingest import (
     ProgressCallback,
     Run,
 )
+from cbir.search.explain import Explanation, explain
+from cbir.search.feedback import Feedback
 from cbir.search.request import SearchRequest
-from cbir.search.result import SearchResult
-from cbir.search.searcher import Query, QueryLike, Searcher
-from cbir.store import DescriptorRecord, Store
+from cbir.search.result import Hit, SearchResult
+from cbir.search.searcher import Query, QueryLike, Searcher, matches
+from cbir.store import DescriptorRecord, ImageRecord, Store
+from cbir.thumbnails import DEFAULT_SIDE, thumbnail
 
 __all__ = [
     "LABEL_SOURCES",
@@ -164,6 +167,53 @@ class Collection:
         finally:
             self.store.release()
 
+    def remove_ids(self, image_ids: Iterable[int]) -> int:
+        """Drop images by catalogue id (each must be in the collection). Returns how many."""
+        ids = sorted({self.image(i).id for i in image_ids})
+        if not ids:
+            return 0
+        try:
+            return self.store.remove_images(ids)
+        finally:
+            self.store.release()
+
+    # -- browsing ------------------------------------------------------------------------------
+    def image(self, image_id: int) -> ImageRecord:
+        """The catalogue row of an indexed image (a NotFoundError names an unknown id)."""
+        return self._searcher.catalogued(image_id)
+
+    def listing(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        *,
+        label: str | None = None,
+        folder: str | None = None,
+    ) -> tuple[int, list[ImageRecord]]:
+        """One page of the indexed images in catalogue order, optionally only those with
+        ``label`` or in a folder named ``folder`` (as search filters): ``(total, page)``."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequestError(f"offset must be an integer >= 0, got {offset!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequestError(f"limit must be a positive integer, got {limit!r}")
+        rows = self.store.images(status="ok")
+        if label is not None or folder is not None:
+            rows = [r for r in rows if matches(r, label=label, folder=folder)]
+        return len(rows), rows[offset : offset + limit]
+
+    def thumbnail(self, image_id: int, side: int = DEFAULT_SIDE) -> Path:
+        """The file of an indexed image's thumbnail, made once and kept (``cbir.thumbnails``)."""
+        return thumbnail(self.path, self.image(image_id), side, self.settings.limits)
+
+    def copies_of(
+        self, image_id: int, descriptor: str = "phash", *, threshold: int | None = None
+    ) -> SearchResult:
+        """The near duplicates of one image: hashes of ``descriptor`` within ``threshold`` bits
+        (see :meth:`duplicates`), closest first, scored in differing bits."""
+        from cbir.duplicates import copies_of
+
+        return copies_of(self, image_id, descriptor, threshold)
+
     # -- searching -----------------------------------------------------------------------------
     def search(
         self,
@@ -179,9 +229,14 @@ class Collection:
         ef: int | None = None,
         nprobe: int | None = None,
         rerank: int | None = None,
+        offset: int = 0,
+        feedback: Feedback | None = None,
+        label: str | None = None,
+        folder: str | None = None,
     ) -> SearchResult:
-        """The ``k`` images closest to the query (an image path, encoded bytes, a vector, or a
-        list of these combined by ``combine``: "mean", "min" or "rrf").
+        """The ``k`` images closest to the query (an image path, encoded bytes, a vector, the
+        id of an image in the collection, a :class:`cbir.search.Region` of an image, or a list
+        of these combined by ``combine``: "mean", "min" or "rrf").
 
         ``descriptor`` defaults to the collection's first, ``metric`` to the descriptor's
         default. Several descriptors (a list, with one metric each or None for their defaults)
@@ -191,8 +246,11 @@ class Collection:
         averaged with its top K results (average query expansion, see ``cbir.search``).
         Past ``Settings.auto_threshold`` images an approximate index answers (``exact=True``
         scans instead); ``ef`` (HNSW), ``nprobe`` (IVF) and ``rerank`` (candidates ranked
-        again per result) trade its speed for recall, per query. The result iterates over its
-        hits and says what ranked them (``to_dict()`` for JSON).
+        again per result) trade its speed for recall, per query. ``offset`` skips that many
+        results (pages). ``feedback`` (:class:`cbir.search.Feedback`: ids marked relevant and
+        not relevant, and Rocchio's weights) moves the query before ranking. ``label`` and
+        ``folder`` keep only images with that label, or in a folder of that name. The result
+        iterates over its hits and says what ranked them (``to_dict()`` for JSON).
         """
         request = SearchRequest.build(
             k,
@@ -205,8 +263,30 @@ class Collection:
             ef=ef,
             nprobe=nprobe,
             rerank=rerank,
+            offset=offset,
+            feedback=feedback,
+            label=label,
+            folder=folder,
         )
         return self._searcher.search(query, request)
+
+    def explain(
+        self,
+        query: Query,
+        hit: int | Hit,
+        *,
+        descriptor: str | None = None,
+        metric: str | None = None,
+    ) -> Explanation:
+        """Why ``hit`` (an image id, or a :class:`cbir.Hit`) is close to ``query`` (any query
+        :meth:`search` takes): each block's share of the distance for a fused descriptor, the
+        colours two histograms share most, heat maps of the matching places for a CNN
+        descriptor (see ``cbir.search.explain``); ``to_dict()`` for JSON."""
+        record = self.descriptor(descriptor)
+        image_id = hit.id if isinstance(hit, Hit) else hit
+        return explain(
+            self._searcher, query, image_id, record, holdings.check_metric(record, metric)
+        )
 
     def query_vectors(
         self, query: Query, record: DescriptorRecord
@@ -296,6 +376,33 @@ class Collection:
             "disk_bytes": size,
             "indexes": self._saved_indexes(),
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped()],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What a client needs to search: counts, labels with their counts, and each
+        descriptor with the metrics that apply to it; no file paths, no walk of the disk."""
+        counts = self.store.counts()
+        vec_counts = self.store.vector_counts()
+        labels: dict[str, int] = {}
+        for r in self.store.images(status="ok"):
+            if r.label is not None:
+                labels[r.label] = labels.get(r.label, 0) + 1
+        return {
+            "images": counts["ok"],
+            "skipped": counts["skipped"],
+            "labels": dict(sorted(labels.items())),
+            "descriptors": [
+                {
+                    "label": holdings.short_label(d.spec),
+                    "name": d.name,
+                    "dim": d.dim,
+                    "default_metric": d.metric,
+                    "metrics": metrics_for(d.name),
+                    "vectors": vec_counts.get(d.id, 0),
+                    "hash": get_descriptor_class(d.name).binary,
+                }
+                for d in self.descriptors
+            ],
         }
 
     def _saved_indexes(self) -> list[dict[str, Any]]:

@@ -99,6 +99,60 @@ class MilvusSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """Settings of ``cbir serve`` (see docs/security.md for what each limit protects)."""
+
+    #: Where it listens: loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Writes (adding, deleting images) are refused unless this is set and the request carries
+    #: it in the ``X-API-Key`` header (``CBIR_API_KEY``; never a command-line flag, which other
+    #: users of the machine can read).
+    api_key: str | None = field(default=None, repr=False)
+    #: A request body larger than this is refused (413) before it is read whole.
+    max_request_bytes: int = 32 << 20
+    #: An uploaded image larger than this many pixels is refused from its header.
+    max_upload_pixels: int = 50_000_000
+    #: Query images per search request, results per page, deepest page.
+    max_files: int = 16
+    max_k: int = 1000
+    max_offset: int = 10_000
+    #: Threads that run searches (0: one per core).
+    workers: int = 0
+    #: Uploads that arrive within this many seconds are described in one batch, up to
+    #: ``batch_size`` images.
+    batch_window: float = 0.004
+    batch_size: int = 32
+    #: Folders a client may ask to index (by a path below one of them); uploads are kept in
+    #: ``upload_dir`` (default: the collection's ``uploads`` folder).
+    roots: tuple[Path, ...] = ()
+    upload_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> ServerSettings:
+        """Defaults, then ``CBIR_API_KEY``, ``CBIR_MAX_REQUEST_BYTES``, ``CBIR_ROOTS`` (folders
+        separated by the path separator) and the other ``CBIR_SERVE_*`` variables."""
+        roots = os.environ.get("CBIR_ROOTS", "")
+        return cls(
+            api_key=os.environ.get("CBIR_API_KEY") or None,
+            max_request_bytes=_env_int("CBIR_MAX_REQUEST_BYTES", cls.max_request_bytes),
+            max_upload_pixels=_env_int("CBIR_MAX_UPLOAD_PIXELS", cls.max_upload_pixels),
+            workers=_env_int("CBIR_SERVE_WORKERS", 0),
+            roots=tuple(Path(r) for r in roots.split(os.pathsep) if r),
+        )
+
+    @property
+    def worker_count(self) -> int:
+        """Search threads: ``workers``, or one per available core."""
+        if self.workers > 0:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Run-time settings; ``Settings.from_env()`` reads the ``CBIR_*`` environment variables."""
 
@@ -132,6 +186,8 @@ class Settings:
     executor: str = "local"
     #: The Ray cluster of the "ray" executor (None: ``RAY_ADDRESS``, else a local instance).
     ray_address: str | None = None
+    #: ``cbir serve``'s settings.
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
         """Refuse a setting out of its range, naming it, its variable and what is allowed:
@@ -177,6 +233,7 @@ class Settings:
             block_rows=_env_int("CBIR_BLOCK_ROWS", 16384),
             executor=os.environ.get("CBIR_EXECUTOR") or "local",
             ray_address=os.environ.get("CBIR_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+            server=ServerSettings.from_env(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # checked once, as it will be used

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from cbir.collection import Collection
 from cbir.features import create_descriptor, descriptor_names, get_descriptor_class, parse_spec
 from cbir.metrics.binary import hamming_counts, pack_bits, popcount
+from cbir.search.result import SearchResult
 from cbir.store import DescriptorRecord
 
 #: A bucket with more members than this is checked as a dense block (all its pairs at once)
@@ -359,3 +360,24 @@ def collection_duplicates(
             DuplicateGroup("near", [i for _, i, _ in members], [p for p, _, _ in members], distance)
         )
     return sorted(exact, key=lambda g: g.paths[0]) + sorted(near, key=lambda g: g.paths[0])
+
+
+#: The most near copies of one image listed (a cut-off far past any real set of copies).
+MAX_COPIES = 100
+
+
+def copies_of(
+    collection: Collection,
+    image_id: int,
+    descriptor: str = "phash",
+    threshold: int | None = None,
+) -> SearchResult:
+    """The images whose ``descriptor`` hashes are within ``threshold`` bits of one image's
+    (default :func:`default_threshold`), closest first, the image itself left out: its near
+    duplicates, as a search result scored in differing bits."""
+    record = hash_record(collection, descriptor)
+    bits = default_threshold(record.dim) if threshold is None else _check_threshold(threshold)
+    result = collection.search(
+        image_id, MAX_COPIES, descriptor=record.spec, metric="hamming", exclude_queries=True
+    )
+    return replace(result, hits=tuple(h for h in result.hits if h.score <= bits))

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from cbir import images
 from cbir.errors import UnavailableError
 from cbir.features import Descriptor, create_descriptor
 from cbir.store import ImageUpdate
+
+if TYPE_CHECKING:
+    from cbir.search.region import Box
 
 
 @dataclass(frozen=True)
@@ -519,8 +523,10 @@ def extract_arrays(
     *,
     limits: images.Limits,
     decoded_with: Sequence[Descriptor] = (),
+    box: Box | None = None,
 ) -> np.ndarray:
     """The array a descriptor sees for one image (path or encoded bytes); raises ImageError.
+    ``box``: only that part of the image (a region query).
 
     ``decoded_with``: the other descriptors the pipeline extracts together with this one. The
     image is then decoded at the size their one shared decode uses (:func:`extract_chunk`), so
@@ -537,6 +543,8 @@ def extract_arrays(
         max_decode_bytes=limits.max_decode_bytes,
         shrink=False,
     )
+    if box is not None:
+        image = box.crop(image)
     return images.to_array(image, spec)
 
 

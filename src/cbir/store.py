@@ -1206,6 +1206,14 @@ class Store:
                 db.execute("UPDATE descriptors SET dim = ? WHERE id = ?", (int(dim), descriptor_id))
             self.compact(descriptor_id)
 
+    def state_stamp(self, descriptor_id: int) -> int | None:
+        """When a descriptor's fitted state was last written (ns), None if never: a cache of
+        the fitted descriptor is current while this stays the same."""
+        try:
+            return self._state_path(descriptor_id).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def has_state(self, descriptor_id: int) -> bool:
         """Whether a descriptor was fitted on this collection."""
         return self._state_path(descriptor_id).exists()

@@ -96,6 +96,7 @@ class _DeepBase(Descriptor):
     size: int
     precision: str
     small_scale: int
+    layers: tuple[int, ...]
 
     @classmethod
     def missing_requirements(cls, params: dict[str, Any]) -> str | None:
@@ -118,6 +119,20 @@ class _DeepBase(Descriptor):
                 idx = members[lo : lo + BATCH]
                 squared = [_square(arrays[i], side) for i in idx]
                 yield idx, net.features(net.tensor(squared), stages)
+
+    def spatial_maps(
+        self, images: Sequence[np.ndarray], stages: Sequence[int] | None = None
+    ) -> list[list[np.ndarray]]:
+        """Per image, the ``(channels, h, w)`` feature map after each of ``stages`` (default:
+        the descriptor's own ``layers``), before pooling: where in the image each feature is
+        (for explanations). The image is squared as for its vector, so the map covers all of
+        it, stretched."""
+        wanted = tuple(stages if stages is not None else self.layers)
+        out: list[list[np.ndarray]] = [[] for _ in images]
+        for idx, maps in self._stage_maps(images, wanted):
+            for j, i in enumerate(idx):
+                out[i] = [m[j].numpy() for m in maps]
+        return out
 
 
 def _square(image: np.ndarray, side: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from cbir.errors import InvalidRequestError
 from cbir.index.base import SearchParams
 from cbir.search.combine import COMBINE_MODES
+from cbir.search.feedback import Feedback
 
 #: The most results a query expansion may average (more only dilutes the query).
 MAX_EXPAND = 100
@@ -31,10 +32,25 @@ class SearchRequest:
     exact: bool = False
     #: Per-query settings of approximate indexes (HNSW ``ef``, IVF ``nprobe``, ``rerank``).
     params: SearchParams = field(default_factory=SearchParams)
+    #: Results skipped before the ``k`` returned (the next page starts at ``offset + k``).
+    offset: int = 0
+    #: Relevance feedback: the query moved toward / away from marked images (Rocchio).
+    feedback: Feedback | None = None
+    #: Only images with this label, only images in a folder of this name (or path ending).
+    label: str | None = None
+    folder: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.k) or self.k < 1:
             raise InvalidRequestError(f"k must be a positive integer, got {self.k!r}")
+        if not _is_int(self.offset) or self.offset < 0:
+            raise InvalidRequestError(
+                f"offset must be an integer >= 0 (results skipped), got {self.offset!r}"
+            )
+        for name in ("label", "folder"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} filter must be non-empty text, got {value!r}")
         if not _is_int(self.expand) or not 0 <= self.expand <= MAX_EXPAND:
             raise InvalidRequestError(
                 f"expand must be an integer in 0..{MAX_EXPAND} (results averaged), "
@@ -66,6 +82,10 @@ class SearchRequest:
         ef: int | None = None,
         nprobe: int | None = None,
         rerank: int | None = None,
+        offset: int = 0,
+        feedback: Feedback | None = None,
+        label: str | None = None,
+        folder: str | None = None,
     ) -> SearchRequest:
         """From a user's arguments: a descriptor or a list of them (late fusion), and one
         metric for all, or one per descriptor."""
@@ -84,7 +104,20 @@ class SearchRequest:
             expand=expand,
             exact=bool(exact),
             params=SearchParams(ef=ef, nprobe=nprobe, rerank=rerank),
+            offset=offset,
+            feedback=feedback if feedback else None,
+            label=label,
+            folder=folder,
         )
+
+    @property
+    def depth(self) -> int:
+        """How many ranked results the page needs: those skipped and those returned."""
+        return self.offset + self.k
+
+    @property
+    def filtered(self) -> bool:
+        return self.label is not None or self.folder is not None
 
     @property
     def fused(self) -> bool:

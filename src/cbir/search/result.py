@@ -56,6 +56,10 @@ class SearchResult:
     seconds: float = 0.0
     #: the kind of index each ranking came from ("exact", "exact-stream", ...)
     indexes: tuple[str, ...] = field(default_factory=tuple)
+    #: results skipped before the first hit (``rank`` counts from ``offset + 1``)
+    offset: int = 0
+    #: relevance feedback applied: how many images were marked relevant, not relevant
+    feedback: tuple[int, int] = (0, 0)
 
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
@@ -92,5 +96,7 @@ class SearchResult:
             "expand": self.expand,
             "indexes": list(self.indexes),
             "seconds": round(self.seconds, 6),
+            "offset": self.offset,
+            "feedback": {"like": self.feedback[0], "unlike": self.feedback[1]},
             "hits": [h.to_dict() for h in self.hits],
         }

@@ -2,7 +2,10 @@
 to a :class:`SearchResult`, through the collection's indexes. One path for every face.
 
 Query images already in the collection and unchanged on disk use their stored vectors; others
-are decoded and described in this process with the collection's fitted descriptors.
+are decoded and described in this process with the collection's fitted descriptors. A query item
+may also be the catalogue id of an image (its stored vector) or a :class:`Region` of an image
+(that part of it, described here). Relevance feedback moves the query vectors before ranking
+(``cbir.search.feedback``); a label or folder filter leaves every other image out.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from cbir.extraction import extract_arrays
 from cbir.features import Descriptor, create_descriptor
 from cbir.index.manager import IndexManager
 from cbir.search.combine import RRF_DEPTH, expand_query, ranked_ids, rrf_fuse
+from cbir.search.feedback import Feedback, rocchio
+from cbir.search.region import Region
 from cbir.search.request import SearchRequest
 from cbir.search.result import Hit, ScoreKind, SearchResult
 from cbir.store import DescriptorRecord, ImageRecord, Store
 
-QueryLike = str | os.PathLike[str] | bytes | np.ndarray
+#: One query item: an image file, its encoded bytes, vector(s), the id of a catalogued image,
+#: or a region of one of these images.
+QueryLike = str | os.PathLike[str] | bytes | np.ndarray | int | Region
 Query = QueryLike | Sequence[QueryLike]
 
 
@@ -36,6 +43,17 @@ class Searcher:
         self.store = store
         self.settings = settings
         self.indexes = indexes
+        #: descriptor id -> (state stamp, ready descriptor): models and fitted state loaded once
+        self._instances: dict[int, tuple[int | None, Descriptor]] = {}
+
+    def instance(self, record: DescriptorRecord) -> Descriptor:
+        """The ready descriptor of a record, loaded once and again only after a refit."""
+        stamp = self.store.state_stamp(record.id)
+        held = self._instances.get(record.id)
+        if held is None or held[0] != stamp or held[1].spec != record.spec:
+            held = (stamp, holdings.instance(self.store, record))
+            self._instances[record.id] = held
+        return held[1]
 
     def search(self, query: Query, request: SearchRequest) -> SearchResult:
         """Rank the collection for ``query`` as ``request`` says."""
@@ -44,7 +62,8 @@ class Searcher:
         metrics = [
             holdings.check_metric(r, m) for r, m in zip(records, request.metrics, strict=True)
         ]
-        depth = max(request.k, RRF_DEPTH) if request.fused else request.k
+        depth = max(request.depth, RRF_DEPTH) if request.fused else request.depth
+        left_out = self._filtered_out(request)
         rankings, kinds, n_queries = [], [], 0
         for record, metric in zip(records, metrics, strict=True):
             index = self.indexes.index(record, metric, exact=request.exact)
@@ -56,8 +75,12 @@ class Searcher:
                 )
             vectors, query_ids = self.query_vectors(query, record)
             n_queries = len(vectors)
+            if request.feedback:
+                vectors = self._moved(vectors, record, request.feedback)
             kinds.append(index.kind)
             exclude = np.asarray(query_ids, np.int64) if request.exclude_queries else None
+            if left_out is not None:
+                exclude = left_out if exclude is None else np.union1d(exclude, left_out)
             if request.expand:
                 top, _ = ranked_ids(
                     index,
@@ -82,12 +105,13 @@ class Searcher:
             ids, scores = rankings[0]
         else:
             cut = min(len(r[0]) for r in rankings)
-            ids, scores = rrf_fuse(np.stack([r[0][:cut] for r in rankings]), request.k)
+            ids, scores = rrf_fuse(np.stack([r[0][:cut] for r in rankings]), request.depth)
+        ids, scores = ids[request.offset :], scores[request.offset :]
         score: ScoreKind = "distance"
         if request.fused or (request.combine == "rrf" and n_queries > 1 and not request.expand):
             score = "rrf"
         hits = tuple(
-            Hit(rank=n + 1, id=i, path=path, score=s, label=label)
+            Hit(rank=request.offset + n + 1, id=i, path=path, score=s, label=label)
             for n, (i, (path, label), s) in enumerate(
                 zip(ids.tolist(), self.store.names(ids), scores.tolist(), strict=True)
             )
@@ -103,24 +127,74 @@ class Searcher:
             expand=request.expand,
             seconds=time.perf_counter() - started,
             indexes=tuple(kinds),
+            offset=request.offset,
+            feedback=(len(request.feedback.like), len(request.feedback.unlike))
+            if request.feedback
+            else (0, 0),
         )
 
-    def query_vectors(
-        self, query: Query, record: DescriptorRecord
-    ) -> tuple[np.ndarray, list[int]]:
+    def _moved(self, vectors: np.ndarray, record: DescriptorRecord, fb: Feedback) -> np.ndarray:
+        """The query vectors after one round of relevance feedback."""
+        return rocchio(
+            vectors,
+            self.stored_vectors(record, fb.like),
+            self.stored_vectors(record, fb.unlike),
+            fb,
+        )
+
+    def stored_vectors(self, record: DescriptorRecord, ids: Sequence[int]) -> np.ndarray:
+        """Stored vectors of catalogued images (a NotFoundError names an id without one)."""
+        if not ids:
+            return np.empty((0, record.dim), np.float32)
+        try:
+            return self.store.vectors_for(record.id, list(ids))
+        except KeyError as exc:  # the store names the first id it lacks
+            raise NotFoundError(
+                f"no image with id {exc.args[0]} has vectors of "
+                f"{holdings.short_label(record.spec)} in the collection"
+            ) from None
+
+    def _filtered_out(self, request: SearchRequest) -> np.ndarray | None:
+        """Ids a label or folder filter leaves out (None: no filter)."""
+        if not request.filtered:
+            return None
+        return np.asarray(
+            [
+                r.id
+                for r in self.store.images(status="ok")
+                if not matches(r, label=request.label, folder=request.folder)
+            ],
+            np.int64,
+        )
+
+    def query_vectors(self, query: Query, record: DescriptorRecord) -> tuple[np.ndarray, list[int]]:
         """Vectors for the query items, and the catalogue ids of those in the collection."""
         if isinstance(query, np.ndarray):
             return self._checked(_as_vectors(query), record), []
-        items = [query] if isinstance(query, str | bytes | os.PathLike) else list(query)
+        single = str | bytes | os.PathLike | int | np.integer | Region
+        items = [query] if isinstance(query, single) else list(query)
         if not items:
             raise InvalidRequestError("no query given")
         rows: list[np.ndarray] = []
         ids: list[int] = []
-        to_describe: list[tuple[int, str | bytes]] = []  # (row, image) decoded here
+        to_describe: list[tuple[int, str | bytes | Region]] = []  # (row, image) decoded here
         for item in items:
             if isinstance(item, np.ndarray):
                 rows.extend(_as_vectors(item))
                 continue
+            if isinstance(item, Region):
+                to_describe.append((len(rows), item))
+                rows.append(np.empty(0, np.float32))
+                continue
+            if isinstance(item, int | np.integer) and not isinstance(item, bool):
+                ids.append(int(item))
+                rows.append(self.stored_vectors(record, [int(item)])[0])
+                continue
+            if not isinstance(item, str | bytes | os.PathLike):
+                raise InvalidRequestError(
+                    "a query item is an image file, its bytes, a vector, an image id or a "
+                    f"Region, got {type(item).__name__}"
+                )
             if not isinstance(item, bytes):
                 path = str(Path(item).expanduser().resolve())
                 stored = self._stored(path, record)
@@ -137,23 +211,40 @@ class Searcher:
                 rows[row] = vector
         return self._checked(np.stack(rows), record), ids
 
+    def catalogued(self, image_id: int) -> ImageRecord:
+        """The catalogue row of an indexed image, or a NotFoundError naming the id."""
+        try:
+            (rec,) = self.store.records([image_id])
+        except KeyError:
+            rec = None
+        if rec is None or rec.status != "ok":
+            raise NotFoundError(f"no image with id {image_id} in the collection")
+        return rec
+
     def _describe(
-        self, items: list[tuple[int, str | bytes]], record: DescriptorRecord
+        self, items: list[tuple[int, str | bytes | Region]], record: DescriptorRecord
     ) -> np.ndarray:
         """Vectors of query images (paths or encoded bytes): each decoded as indexing decodes
         it, then described in one batch; an unusable image is named in the error."""
-        descriptor = holdings.instance(self.store, record)
+        descriptor = self.instance(record)
         together = self._decoded_with(record)
         arrays = []
         for _, item in items:
+            source, box = (item.source, item.box) if isinstance(item, Region) else (item, None)
+            if isinstance(source, int | np.integer):
+                source = self.catalogued(int(source)).path
             try:
                 arrays.append(
                     extract_arrays(
-                        item, descriptor, limits=self.settings.limits, decoded_with=together
+                        source,
+                        descriptor,
+                        limits=self.settings.limits,
+                        decoded_with=together,
+                        box=box,
                     )
                 )
             except images.ImageError as exc:
-                name = "query bytes" if isinstance(item, bytes) else str(item)
+                name = "query bytes" if isinstance(source, bytes) else str(source)
                 raise images.ImageError(exc.reason, name) from None
         return np.asarray(descriptor.transform(arrays), dtype=np.float32)
 
@@ -194,6 +285,19 @@ def _as_vectors(array: np.ndarray) -> np.ndarray:
             "give an image as a file path or its encoded bytes"
         )
     return np.atleast_2d(array).astype(np.float32)
+
+
+def matches(rec: ImageRecord, *, label: str | None = None, folder: str | None = None) -> bool:
+    """Whether a catalogued image passes a label filter and a folder filter: ``folder`` is the
+    name of the folder holding it, or the end of that folder's path (``cats/2024``)."""
+    if label is not None and rec.label != label:
+        return False
+    if folder is not None:
+        want = Path(folder.strip("/")).parts
+        have = Path(rec.path).parent.parts
+        if not want or have[len(have) - len(want) :] != want:
+            return False
+    return True
 
 
 def unchanged(rec: ImageRecord) -> bool:
