@@ -83,7 +83,13 @@ def resolve(requested: str | None = None) -> str:
 
 
 def _in_worker() -> bool:
-    """An extraction worker process: the pool already uses every core, one thread each."""
+    """An extraction worker process: the pool already uses every core, one thread each.
+
+    The layout was chosen by measurement (docs/deep.md, bench_deep.py): one worker process per
+    core, each engine on one thread, runs the network faster than one process whose engine
+    spreads over every core (no threads waiting on each other inside a batch), and a worker's
+    decoding overlaps the other workers' inference. Outside a worker (a query, an in-process
+    run) the engine takes every core."""
     return os.environ.get("CBIR_WORKER") == "1"
 
 
