@@ -63,7 +63,8 @@ def _forward(batches: list[np.ndarray]) -> tuple[float, float]:
     """In a worker: the network's wall and CPU time over pre-decoded batches (model loaded
     first)."""
     d = create_descriptor(SPEC)
-    net = _engines.network(d.model, batches[0].shape[1], d.precision, d.layers)
+    readout = _engines.Readout(d.layers, "mean")  # average pooling in the network, as `cnn`
+    net = _engines.network(d.model, batches[0].shape[1], d.precision, readout)
     net.features(batches[0][:2])  # warm-up
     started, cpu = time.perf_counter(), time.process_time()
     for batch in batches:

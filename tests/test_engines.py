@@ -171,11 +171,14 @@ def test_torch_is_the_reference_and_graph_engines_run_without_it_changing_the_sp
     for name in installed_engines():
         engine(name)
         assert create_descriptor(spec).spec == spec
-        net = _engines.network("lite0", SIDE, "fp32", (5, 6, 7))
+        net = _engines.network("lite0", SIDE, "fp32", _engines.Readout((5, 6, 7)))
         assert net.engine == name
         maps = net.features(np.stack(images()[:3]))
         assert [m.shape[1] for m in maps] == [192, 320, 1280]
         assert all(m.dtype == np.float32 and m.shape[2:] == (3, 3) for m in maps)
+        pooled = _engines.network("lite0", SIDE, "fp32", _engines.Readout((5, 6, 7), "mean"))
+        for m, p in zip(maps, pooled.features(np.stack(images()[:3])), strict=True):
+            np.testing.assert_allclose(p, m.mean((2, 3)), atol=1e-5)
 
 
 # -- a collection does not care which engine made its vectors -----------------------------------
@@ -265,7 +268,8 @@ def test_the_graph_is_exported_once_into_the_cache_keyed_by_versions(tmp_path, m
     import cbir
 
     monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path / "cache"))
-    path = _graph.graph_file("lite0", 64, (1,))
+    first = _engines.Readout((1,))
+    path = _graph.graph_file("lite0", 64, first)
     assert path.parent == tmp_path / "cache" / "graphs" and path.stat().st_size > 0
     assert [p.name for p in path.parent.glob("*.onnx")] == [path.name]  # no temporary left
 
@@ -273,11 +277,12 @@ def test_the_graph_is_exported_once_into_the_cache_keyed_by_versions(tmp_path, m
         raise AssertionError("exported again")
 
     monkeypatch.setattr(_graph, "export", no_export)
-    assert _graph.graph_file("lite0", 160, (1,)) == path  # every multiple of 32: one graph
-    assert _graph.graph_name("lite0", 100, (1,)) != path.name  # another padding layout
-    assert _graph.graph_name("lite0", 64, (1, 2)) != path.name
+    assert _graph.graph_file("lite0", 160, first) == path  # every multiple of 32: one graph
+    assert _graph.graph_name("lite0", 100, first) != path.name  # another padding layout
+    assert _graph.graph_name("lite0", 64, _engines.Readout((1, 2))) != path.name
+    assert _graph.graph_name("lite0", 64, _engines.Readout((1,), "mean")) != path.name
     monkeypatch.setattr(cbir, "__version__", "99.0")
-    assert _graph.graph_name("lite0", 64, (1,)) != path.name  # a new cbir, a new graph
+    assert _graph.graph_name("lite0", 64, first) != path.name  # a new cbir, a new graph
     if _engines.installed("onnx"):  # and the graph runs at a side it was not traced at
         import onnxruntime as ort
 

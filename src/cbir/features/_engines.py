@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,17 +44,45 @@ _MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx"), "
 _INSTALL = "pip install 'cbir[deep]'"
 
 log = logging.getLogger("cbir.engine")
+#: What a network returns for each stage: its feature maps, their per-channel mean, or the
+#: mean and the (sample) standard deviation.
+STATISTICS = ("maps", "mean", "mean_std")
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What a network returns: for each of ``stages`` (0-6 the MBConv stages, 7 the head),
+    the ``statistic`` of its feature maps. Pooling inside the network spares copying the maps
+    out of the engine and pooling them again in NumPy."""
+
+    stages: tuple[int, ...]
+    statistic: str = "maps"
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(
+                f"statistic must be one of {', '.join(STATISTICS)}, got {self.statistic!r}"
+            )
+
+    def apply(self, maps: list[Any]) -> list[Any]:
+        """The statistic of each stage's ``(N, C, h, w)`` torch maps: (N, C, h, w) maps, or
+        (N, C) means, or (N, C) means and deviations in turn. The exported graph and the
+        PyTorch engine both compute it here."""
+        if self.statistic == "maps":
+            return maps
+        if self.statistic == "mean":
+            return [m.mean((2, 3)) for m in maps]
+        return [s for m in maps for s in (m.mean((2, 3)), m.std((2, 3)))]
 
 
 class Network(Protocol):
-    """A CNN at one input layout that returns the feature maps of fixed stages."""
+    """A CNN at one input layout that returns what a :class:`Readout` asks for."""
 
     engine: str
 
     def features(self, images: np.ndarray) -> list[np.ndarray]:
         """``(N, H, W, 3)`` uint8 images (already squared to the network's side) to the
-        float32 ``(N, C, h, w)`` feature maps of each stage, in the order the stages were
-        given."""
+        float32 outputs of the readout, in its order."""
         ...
 
 
@@ -98,15 +126,15 @@ class TorchNetwork:
 
     engine = "torch"
 
-    def __init__(self, model: str, side: int, precision: str, stages: tuple[int, ...]) -> None:
+    def __init__(self, model: str, side: int, precision: str, readout: Readout) -> None:
         from cbir.features import _backbone
 
         self._net = _backbone.backbone(model, side, precision)
-        self._stages = stages
+        self._readout = readout
 
     def features(self, images: np.ndarray) -> list[np.ndarray]:
-        maps = self._net.features(self._net.tensor(images), self._stages)
-        return [m.numpy() for m in maps]
+        maps = self._net.features(self._net.tensor(images), self._readout.stages)
+        return [m.numpy() for m in self._readout.apply(maps)]
 
 
 class OnnxNetwork:
@@ -114,7 +142,7 @@ class OnnxNetwork:
 
     engine = "onnx"
 
-    def __init__(self, model: str, side: int, precision: str, stages: tuple[int, ...]) -> None:
+    def __init__(self, model: str, side: int, precision: str, readout: Readout) -> None:
         import onnxruntime as ort
 
         from cbir.features._graph import graph_file
@@ -124,7 +152,7 @@ class OnnxNetwork:
         options.intra_op_num_threads = 1 if _in_worker() else 0  # 0: every core
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(
-            str(graph_file(model, side, stages)), options, providers=["CPUExecutionProvider"]
+            str(graph_file(model, side, readout)), options, providers=["CPUExecutionProvider"]
         )
         self._outputs = [o.name for o in self._session.get_outputs()]
 
@@ -138,7 +166,7 @@ class OpenVinoNetwork:
 
     engine = "openvino"
 
-    def __init__(self, model: str, side: int, precision: str, stages: tuple[int, ...]) -> None:
+    def __init__(self, model: str, side: int, precision: str, readout: Readout) -> None:
         import openvino as ov
 
         from cbir.features._graph import graph_file
@@ -154,7 +182,7 @@ class OpenVinoNetwork:
         }
         if _in_worker():
             config["INFERENCE_NUM_THREADS"] = 1
-        compiled = core.compile_model(str(graph_file(model, side, stages)), "CPU", config)
+        compiled = core.compile_model(str(graph_file(model, side, readout)), "CPU", config)
         self._request = compiled.create_infer_request()
         self._count = len(compiled.outputs)
 
@@ -170,18 +198,18 @@ _CLASSES: dict[str, type[TorchNetwork | OnnxNetwork | OpenVinoNetwork]] = {
     "onnx": OnnxNetwork,
     "openvino": OpenVinoNetwork,
 }
-_CACHE: dict[tuple[str, str, int, str, tuple[int, ...]], Network] = {}
+_CACHE: dict[tuple[str, str, int, str, Readout], Network] = {}
 _LOCK = threading.Lock()
 
 
 def network(
-    model: str, side: int, precision: str, stages: Sequence[int], engine: str | None = None
+    model: str, side: int, precision: str, readout: Readout, engine: str | None = None
 ) -> Network:
-    """The process's one network for a model, input side, precision and stages on the engine
+    """The process's one network for a model, input side, precision and readout on the engine
     :func:`resolve` picks (built, and for a graph engine exported, on first use)."""
     name = resolve(engine)
-    key = (name, model, int(side), precision, tuple(stages))
+    key = (name, model, int(side), precision, readout)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _CLASSES[name](model, int(side), precision, tuple(stages))
+            _CACHE[key] = _CLASSES[name](model, int(side), precision, readout)
         return _CACHE[key]

@@ -26,9 +26,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbir.config import cache_dir
 from cbir.features import _backbone
+
+if TYPE_CHECKING:
+    from cbir.features._engines import Readout
 
 #: ONNX operator set of the exported graph (read by ONNX Runtime and OpenVINO alike).
 OPSET = 17
@@ -58,18 +62,20 @@ def _weights(model: str) -> tuple[Path, str]:
     return path, f"{version}-{digest.hexdigest()[:12]}"
 
 
-def graph_name(model: str, side: int, stages: tuple[int, ...]) -> str:
+def graph_name(model: str, side: int, readout: Readout) -> str:
     import cbir
 
     _, weights = _weights(model)
     parts = [model, f"w{weights}", f"cbir{cbir.__version__}", layout(side)]
-    return "-".join([*parts, "s" + "x".join(map(str, stages)), f"op{OPSET}"]) + ".onnx"
+    stages = "s" + "x".join(map(str, readout.stages))
+    return "-".join([*parts, stages, readout.statistic, f"op{OPSET}"]) + ".onnx"
 
 
-def graph_file(model: str, side: int, stages: tuple[int, ...]) -> Path:
-    """The cached graph for a model, an input side's layout and stages (exported if absent)."""
+def graph_file(model: str, side: int, readout: Readout) -> Path:
+    """The cached graph for a model, an input side's layout and a readout (exported if
+    absent)."""
     folder = cache_dir() / "graphs"
-    path = folder / graph_name(model, side, stages)
+    path = folder / graph_name(model, side, readout)
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,7 @@ def graph_file(model: str, side: int, stages: tuple[int, ...]) -> Path:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".onnx")
             os.close(fd)
             try:
-                export(model, side if side % STRIDE else _TRACE_SIDE, stages, Path(tmp))
+                export(model, side if side % STRIDE else _TRACE_SIDE, readout, Path(tmp))
                 os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache needs no secrecy
                 os.replace(tmp, path)
             finally:
@@ -102,12 +108,13 @@ def _locked(lock: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def export(model: str, side: int, stages: tuple[int, ...], target: Path) -> None:
-    """Export the float32 network built for ``side`` with an output per stage to ``target``."""
+def export(model: str, side: int, readout: Readout, target: Path) -> None:
+    """Export the float32 network built for ``side``, with the outputs of ``readout``, to
+    ``target``."""
     import torch
 
     net = _backbone.Backbone(model, side, "fp32")
-    stage_list = list(stages)
+    stage_list = list(readout.stages)
 
     class Stages(torch.nn.Module):
         def __init__(self) -> None:
@@ -117,11 +124,13 @@ def export(model: str, side: int, stages: tuple[int, ...], target: Path) -> None
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
             x = images.permute(0, 3, 1, 2).float()
             x = x.sub(_backbone.INPUT_MEAN).div(_backbone.INPUT_STD)
-            return tuple(net.run_stages(self.net, x, stage_list))
+            return tuple(readout.apply(net.run_stages(self.net, x, stage_list)))
 
-    names = [f"stage{s}" for s in stages]
+    kinds = ["maps"] if readout.statistic == "maps" else readout.statistic.split("_")
+    names = [f"stage{s}_{k}" for s in readout.stages for k in kinds]
     dynamic = {"images": {0: "batch", 1: "height", 2: "width"}}
-    dynamic.update({n: {0: "batch", 2: f"{n}_h", 3: f"{n}_w"} for n in names})
+    spatial = {2: "height", 3: "width"} if readout.statistic == "maps" else {}
+    dynamic.update({n: {0: "batch", **{a: f"{n}_{d}" for a, d in spatial.items()}} for n in names})
     example = torch.zeros((1, side, side, 3), dtype=torch.uint8)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on constant folding

@@ -108,14 +108,14 @@ class _DeepBase(Descriptor):
         # the longer side at most ``size``; each image is squared to its target side later
         return InputSpec(mode="RGB", max_side=self.size)
 
-    def _stage_maps(self, images: Sequence[np.ndarray], stages: Sequence[int]) -> Any:
-        """Yield ``(indices, float32 (N, C, h, w) feature maps of each stage)`` per group of
-        images that share a target side, ``BATCH`` images at a time, from the process's
-        inference engine (``_engines``: which one does not change the vectors' meaning)."""
+    def _stage_outputs(self, images: Sequence[np.ndarray], readout: _engines.Readout) -> Any:
+        """Yield ``(indices, the readout's float32 outputs)`` per group of images that share a
+        target side, ``BATCH`` images at a time, from the process's inference engine
+        (``_engines``: which one does not change the vectors' meaning)."""
         arrays = [as_rgb_uint8(a) for a in images]
         sides = [target_side(a.shape[0], a.shape[1], self.size, self.small_scale) for a in arrays]
         for side in sorted(set(sides)):
-            net = _engines.network(self.model, side, self.precision, stages)
+            net = _engines.network(self.model, side, self.precision, readout)
             members = [i for i, s in enumerate(sides) if s == side]
             for lo in range(0, len(members), BATCH):
                 idx = members[lo : lo + BATCH]
@@ -228,14 +228,14 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     def transform_raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled, per-block L2-normalised features, before any collection-fitted step."""
         out = np.empty((len(images), self.raw_dim), dtype=np.float32)
-        for idx, maps in self._stage_maps(images, self.layers):
-            blocks = [_l2(self._pool(m)) for m in maps]
+        # average pooling happens inside the network; the others on its maps
+        readout = _engines.Readout(self.layers, "mean" if self.pool == "gap" else "maps")
+        for idx, outputs in self._stage_outputs(images, readout):
+            blocks = [_l2(o if self.pool == "gap" else self._pool(o)) for o in outputs]
             out[idx] = np.concatenate(blocks, axis=1)
         return out
 
     def _pool(self, fmap: np.ndarray) -> np.ndarray:
-        if self.pool == "gap":
-            return fmap.mean((2, 3))
         if self.pool == "max":
             return fmap.max((2, 3))
         # GeM (Radenović et al.): a learned-free middle ground between average and max.
@@ -420,11 +420,9 @@ class CNNStatistics(_DeepBase):
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         n_blocks = 2 * len(self.layers)
-        for idx, maps in self._stage_maps(images, self.layers):
-            blocks = []
-            for m in maps:
-                blocks.append(_l2(m.mean((2, 3))))
-                blocks.append(_l2(m.std((2, 3), ddof=1)))  # the sample deviation, as torch's
+        readout = _engines.Readout(self.layers, "mean_std")  # the sample deviation
+        for idx, outputs in self._stage_outputs(images, readout):
             # every statistic of every stage counts equally, whatever its channel count
+            blocks = [_l2(o) for o in outputs]
             out[idx] = np.concatenate(blocks, axis=1) / np.sqrt(n_blocks)
         return out
