@@ -37,8 +37,9 @@ AUTO_ORDER = ("openvino", "onnx", "torch")
 ENGINES = ("onnx", "openvino", "torch")
 #: Largest difference of any component (vectors of unit blocks) from PyTorch's at fp32.
 FP32_TOLERANCE = 1e-4
-#: Smallest cosine of any block to the float32 vector at bf16.
-BF16_MIN_COSINE = 0.99
+#: Smallest cosine of any block to the float32 vector at bf16 (bfloat16 keeps 8 bits of
+#: mantissa; the lowest measured on real photos is in docs/deep.md).
+BF16_MIN_COSINE = 0.97
 #: Python modules each engine needs (the graph exporter needs ``onnx`` beside PyTorch).
 _MODULES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx"), "torch": ()}
 _INSTALL = "pip install 'cbir[deep]'"

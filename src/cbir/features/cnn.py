@@ -1,8 +1,10 @@
 """Pretrained CNN descriptors: ``cnn`` (pooled embeddings of the last stages) and ``cnn-hist``
 (per-channel statistics of feature maps at several depths).
 
-Both run EfficientNet-Lite (see ``_backbone``) in batches. What ``cnn`` does by default is what
-measured best on real data (docs/deep.md): the last three stages of the network, each
+Both run EfficientNet-Lite (``_backbone``) in batches, on the process's inference engine
+(``_engines``: OpenVINO, ONNX Runtime or PyTorch; the vectors mean the same on each). What
+``cnn`` does by default is what measured best on real data (docs/deep.md): the last three
+stages of the network, each
 average-pooled and L2-normalised, centred on the collection's mean and concatenated, then
 augmented with its nearest neighbours in the collection. Both steps are learned from the
 collection, so a collection stores the raw vectors too and derives the final ones from them;
