@@ -259,6 +259,9 @@ def test_an_unknown_engine_names_the_choices(monkeypatch):
     monkeypatch.setenv("CBIR_ENGINE", "tensorrt")
     with pytest.raises(InvalidRequestError, match="auto, onnx, openvino, torch"):
         _engines.resolve()
+    # told when the settings are read, before any file is extracted
+    with pytest.raises(InvalidRequestError, match="CBIR_ENGINE must be one of"):
+        Settings.from_env()
 
 
 # -- the exported graph ------------------------------------------------------------------------

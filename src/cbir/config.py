@@ -122,6 +122,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Defaults, then ``CBIR_*`` environment variables, then explicit ``overrides``."""
+        deep_engine()  # a wrong CBIR_ENGINE is told here, not as a reason on every skipped file
         base = cls(
             collection=Path(os.environ.get("CBIR_COLLECTION") or ".cbir"),
             workers=_env_int("CBIR_WORKERS", 0),
