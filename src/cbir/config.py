@@ -39,6 +39,34 @@ def default_descriptors() -> tuple[str, ...]:
     return DEFAULT_DESCRIPTORS
 
 
+#: Inference engines of the CNN descriptors (``CBIR_ENGINE``): ``auto`` takes the fastest one
+#: installed (cbir.features._engines). Not part of a descriptor's spec: vectors mean the same
+#: whichever engine made them.
+ENGINE_CHOICES = ("auto", "onnx", "openvino", "torch")
+
+
+def deep_engine() -> str:
+    """The engine ``CBIR_ENGINE`` names (``auto`` when unset). Read where a network is built, so
+    extraction worker processes, which inherit the environment, use the same one."""
+    value = (os.environ.get("CBIR_ENGINE") or "auto").strip().lower()
+    if value not in ENGINE_CHOICES:
+        from cbir.errors import InvalidRequestError
+
+        raise InvalidRequestError(
+            f"CBIR_ENGINE must be one of {', '.join(ENGINE_CHOICES)}, got {value!r}"
+        )
+    return value
+
+
+def cache_dir() -> Path:
+    """Where cbir keeps what it can remake (the CNN's exported graphs): ``CBIR_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/cbir``, else ``~/.cache/cbir``."""
+    if os.environ.get("CBIR_CACHE_DIR"):
+        return Path(os.environ["CBIR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cbir"
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -219,6 +247,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Defaults, then ``CBIR_*`` environment variables, then explicit ``overrides``."""
+        deep_engine()  # a wrong CBIR_ENGINE is told here, not as a reason on every skipped file
         values: dict[str, Any] = dict(
             collection=Path(os.environ.get("CBIR_COLLECTION") or ".cbir"),
             workers=_env_int("CBIR_WORKERS", 0),

@@ -37,7 +37,7 @@ MODELS: dict[str, tuple[str, str, int]] = {
 }
 PRECISIONS = ("bf16", "fp32")
 #: EfficientNet-Lite was trained on inputs scaled to about [-1, 1] (TensorFlow's recipe).
-_MEAN, _STD = 127.0, 128.0
+INPUT_MEAN, INPUT_STD = 127.0, 128.0
 
 
 def missing_requirements(model: str = "lite0") -> str | None:
@@ -124,35 +124,39 @@ class Backbone:
         """Stack (H, W, 3) uint8 arrays of the backbone's size into a normalised input batch."""
         torch = self._torch
         batch = torch.from_numpy(np.stack(images))  # N, H, W, 3 uint8
-        x = batch.permute(0, 3, 1, 2).float().sub_(_MEAN).div_(_STD)
+        x = batch.permute(0, 3, 1, 2).float().sub_(INPUT_MEAN).div_(INPUT_STD)
         return x.contiguous(memory_format=torch.channels_last)
 
     def features(self, x: Any, stages: Sequence[int]) -> list[Any]:
         """Feature maps after each requested stage, in the order asked, as float32."""
         torch = self._torch
-        wanted = sorted(set(stages))
-        head = len(self.stages.last_block)
-        block_ends = {self.stages.last_block[s]: s for s in wanted if s < head}
-        out: dict[int, Any] = {}
-        net = self.net
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            h = net._swish(net._conv_stem(x))
-            last_needed = (
-                max(self.stages.last_block[s] for s in wanted if s < head)
-                if (block_ends and head not in wanted)
-                else len(net._blocks) - 1
-            )
-            for i, block in enumerate(net._blocks[: last_needed + 1]):
-                h = block(h)
-                if i in block_ends:
-                    out[block_ends[i]] = h.float()
-            if head in wanted:
-                out[head] = net._swish(net._conv_head(h)).float()
+            return [m.float() for m in self.run_stages(self.net, x, stages)]
+
+    def run_stages(self, net: Any, x: Any, stages: Sequence[int]) -> list[Any]:
+        """The forward pass of ``net`` (this backbone's network, or a copy of it being
+        exported) up to the last requested stage: each requested stage's maps, in order."""
+        wanted = sorted(set(stages))
+        head = len(self.stages.last_block)
+        block_ends = {self.stages.last_block[s]: s for s in wanted if s < head}
+        out: dict[int, Any] = {}
+        h = net._swish(net._conv_stem(x))
+        last_needed = (
+            max(self.stages.last_block[s] for s in wanted if s < head)
+            if (block_ends and head not in wanted)
+            else len(net._blocks) - 1
+        )
+        for i, block in enumerate(net._blocks[: last_needed + 1]):
+            h = block(h)
+            if i in block_ends:
+                out[block_ends[i]] = h
+        if head in wanted:
+            out[head] = net._swish(net._conv_head(h))
         return [out[s] for s in stages]
 
 

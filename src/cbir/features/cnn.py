@@ -1,8 +1,10 @@
 """Pretrained CNN descriptors: ``cnn`` (pooled embeddings of the last stages) and ``cnn-hist``
 (per-channel statistics of feature maps at several depths).
 
-Both run EfficientNet-Lite (see ``_backbone``) in batches. What ``cnn`` does by default is what
-measured best on real data (docs/deep.md): the last three stages of the network, each
+Both run EfficientNet-Lite (``_backbone``) in batches, on the process's inference engine
+(``_engines``: OpenVINO, ONNX Runtime or PyTorch; the vectors mean the same on each). What
+``cnn`` does by default is what measured best on real data (docs/deep.md): the last three
+stages of the network, each
 average-pooled and L2-normalised, centred on the collection's mean and concatenated, then
 augmented with its nearest neighbours in the collection. Both steps are learned from the
 collection, so a collection stores the raw vectors too and derives the final ones from them;
@@ -19,7 +21,7 @@ import cv2
 import numpy as np
 from scipy import sparse
 
-from cbir.features import _backbone
+from cbir.features import _backbone, _engines
 from cbir.features.base import DerivedDescriptor, Descriptor
 from cbir.features.inputs import as_rgb_uint8, check_positive_int
 from cbir.features.registry import create_descriptor, register_descriptor
@@ -37,6 +39,8 @@ STAGE_CHANNELS = {
     "lite1": (16, 24, 40, 80, 112, 192, 320, 1280),
     "lite2": (16, 24, 48, 88, 120, 208, 352, 1280),
 }
+#: GeM raises activations to the power p: those below this are raised to it first.
+_GEM_FLOOR = 1e-6
 #: Images per forward pass (it changes the speed, not the vectors, so it is no parameter).
 BATCH = 32
 #: Neighbourhood augmentation looks for neighbours among at most this many collection images
@@ -107,18 +111,19 @@ class _DeepBase(Descriptor):
         # the longer side at most ``size``; each image is squared to its target side later
         return InputSpec(mode="RGB", max_side=self.size)
 
-    def _stage_maps(self, images: Sequence[np.ndarray], stages: Sequence[int]) -> Any:
-        """Yield ``(indices, feature maps of each stage)`` per group of images that share a
-        target side, ``BATCH`` images at a time."""
+    def _stage_outputs(self, images: Sequence[np.ndarray], readout: _engines.Readout) -> Any:
+        """Yield ``(indices, the readout's float32 outputs)`` per group of images that share a
+        target side, ``BATCH`` images at a time, from the process's inference engine
+        (``_engines``: which one does not change the vectors' meaning)."""
         arrays = [as_rgb_uint8(a) for a in images]
         sides = [target_side(a.shape[0], a.shape[1], self.size, self.small_scale) for a in arrays]
         for side in sorted(set(sides)):
-            net = _backbone.backbone(self.model, side, self.precision)
+            net = _engines.network(self.model, side, self.precision, readout)
             members = [i for i, s in enumerate(sides) if s == side]
             for lo in range(0, len(members), BATCH):
                 idx = members[lo : lo + BATCH]
-                squared = [_square(arrays[i], side) for i in idx]
-                yield idx, net.features(net.tensor(squared), stages)
+                batch = np.stack([_square(arrays[i], side) for i in idx])
+                yield idx, net.features(batch)
 
     def spatial_maps(
         self, images: Sequence[np.ndarray], stages: Sequence[int] | None = None
@@ -240,18 +245,18 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
     def transform_raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled, per-block L2-normalised features, before any collection-fitted step."""
         out = np.empty((len(images), self.raw_dim), dtype=np.float32)
-        for idx, maps in self._stage_maps(images, self.layers):
-            blocks = [_l2(self._pool(m).numpy()) for m in maps]
+        # average pooling happens inside the network; the others on its maps
+        readout = _engines.Readout(self.layers, "mean" if self.pool == "gap" else "maps")
+        for idx, outputs in self._stage_outputs(images, readout):
+            blocks = [_l2(o if self.pool == "gap" else self._pool(o)) for o in outputs]
             out[idx] = np.concatenate(blocks, axis=1)
         return out
 
-    def _pool(self, fmap: Any) -> Any:
-        if self.pool == "gap":
-            return fmap.mean((2, 3))
+    def _pool(self, fmap: np.ndarray) -> np.ndarray:
         if self.pool == "max":
-            return fmap.amax((2, 3))
+            return fmap.max((2, 3))
         # GeM (Radenović et al.): a learned-free middle ground between average and max.
-        return fmap.clamp(min=1e-6).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+        return (np.maximum(fmap, _GEM_FLOOR) ** self.p).mean((2, 3)) ** (1.0 / self.p)
 
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if not self.requires_fit:
@@ -432,11 +437,9 @@ class CNNStatistics(_DeepBase):
     def transform(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         n_blocks = 2 * len(self.layers)
-        for idx, maps in self._stage_maps(images, self.layers):
-            blocks = []
-            for m in maps:
-                blocks.append(_l2(m.mean((2, 3)).numpy()))
-                blocks.append(_l2(m.std((2, 3)).numpy()))
+        readout = _engines.Readout(self.layers, "mean_std")  # the sample deviation
+        for idx, outputs in self._stage_outputs(images, readout):
             # every statistic of every stage counts equally, whatever its channel count
+            blocks = [_l2(o) for o in outputs]
             out[idx] = np.concatenate(blocks, axis=1) / np.sqrt(n_blocks)
         return out
