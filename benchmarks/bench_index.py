@@ -90,9 +90,9 @@ SETTINGS = (
     Setting("exact", "exact"),
     Setting("HNSW32, ef 64", "hnsw"),
     Setting("HNSW32, ef 128", "hnsw", query={"ef": 128}),
-    Setting("IVF-PQ 32 B, nprobe 16", "ivf-pq"),
-    Setting("IVF-PQ 32 B, nprobe 32", "ivf-pq", query={"nprobe": 32}),
-    Setting("IVF-PQ 64 B, nprobe 32", "ivf-pq", build={"pq_bytes": 64}, query={"nprobe": 32}),
+    Setting("IVF-PQ, width/8 B codes, nprobe 16", "ivf-pq"),
+    Setting("IVF-PQ, width/8 B codes, nprobe 32", "ivf-pq", query={"nprobe": 32}),
+    Setting("IVF-PQ, 64 B codes, nprobe 32", "ivf-pq", {"pq_bytes": 64}, {"nprobe": 32}),
     Setting("auto", "auto"),
 )
 
