@@ -311,7 +311,7 @@ class FaissIndex:
         family, wrapped, nlist = self._layout()
         breadth = 0  # what the family's parameters set
         if family == "hnsw":
-            breadth = max(params.ef or self.ef_search, k)
+            breadth = max(params.ef or self.ef_search * self.route.breadth, k)
         elif family == "ivf":
             breadth = min(params.nprobe or self.nprobe, nlist)
         if keep is alive and self._count == len(alive):  # no row to skip: the common case

@@ -302,9 +302,9 @@ class MilvusIndex:
 
     def _search_params(self, wanted: int, params: SearchParams) -> dict[str, int]:
         if self.index_type.startswith("HNSW"):
-            return {"ef": max(params.ef or self.ef_search, wanted)}
+            return {"ef": max(params.ef or self.ef_search * self.route.breadth, wanted)}
         if self.index_type == "DISKANN":
-            return {"search_list": max(params.ef or self.ef_search, wanted)}
+            return {"search_list": max(params.ef or self.ef_search * self.route.breadth, wanted)}
         if self.index_type.startswith("IVF"):
             return {"nprobe": min(params.nprobe or self.nprobe, self.nlist)}
         return {}

@@ -46,7 +46,9 @@ class Route:
     scores for a query block back into the metric's distances (given the raw queries); a route
     without one (``rerank``) only finds candidates, which the index ranks again with the true
     metric. ``fallback`` names the metric whose route finds candidates in an index that lacks
-    ``space`` (Milvus has no L1).
+    ``space`` (Milvus has no L1). ``breadth``: how many times its default search breadth a
+    graph index (HNSW's ef) takes for this route, where the embedding is one a graph navigates
+    poorly; a breadth given per query is taken as it is.
     """
 
     kind: RouteKind
@@ -55,6 +57,7 @@ class Route:
     embed_query: Callable[[np.ndarray], np.ndarray] | None = None
     distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     fallback: str = "euclidean"
+    breadth: int = 1
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:

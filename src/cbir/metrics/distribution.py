@@ -376,6 +376,12 @@ register_metric(
         route=Route("rerank", "l2", embed=root_histograms),
     )
 )
+#: KL and Jeffrey as inner products with log-histograms: a graph finds their neighbours only
+#: with a wider search than other routes need (the recall of each route, at this breadth, is in
+#: docs/benchmarks.md, "Every metric through an approximate index").
+DIVERGENCE_GRAPH_BREADTH = 4
+
+
 register_metric(
     Metric(
         name="kl",
@@ -388,7 +394,12 @@ register_metric(
         aliases=("kullback_leibler", "kl_divergence"),
         nonnegative=True,
         route=Route(
-            "embedded", "ip", _kl_database, embed_query=_kl_query, distance=_divergence_from_ip
+            "embedded",
+            "ip",
+            _kl_database,
+            embed_query=_kl_query,
+            distance=_divergence_from_ip,
+            breadth=DIVERGENCE_GRAPH_BREADTH,
         ),
     )
 )
@@ -407,6 +418,7 @@ register_metric(
             _jeffrey_database,
             embed_query=_jeffrey_query,
             distance=_divergence_from_ip,
+            breadth=DIVERGENCE_GRAPH_BREADTH,
         ),
     )
 )
