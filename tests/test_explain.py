@@ -75,7 +75,6 @@ def test_other_descriptors_give_the_distance(colours):
 
 
 @deep
-@pytest.mark.xfail(reason="the engine merge renamed CNNEmbedding._stage_maps; spatial_maps must read the maps through the engine (known defect, stop note 19)", strict=True)
 def test_cnn_heat_map_lights_up_the_matching_place(tmp_path):
     cat = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)))
     rng = np.random.default_rng(0)

@@ -134,9 +134,9 @@ class _DeepBase(Descriptor):
         it, stretched."""
         wanted = tuple(stages if stages is not None else self.layers)
         out: list[list[np.ndarray]] = [[] for _ in images]
-        for idx, maps in self._stage_maps(images, wanted):
+        for idx, maps in self._stage_outputs(images, _engines.Readout(wanted)):
             for j, i in enumerate(idx):
-                out[i] = [m[j].numpy() for m in maps]
+                out[i] = [np.asarray(m[j]) for m in maps]
         return out
 
 
