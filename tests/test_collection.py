@@ -52,6 +52,12 @@ def test_search_finds_images_of_the_same_class(colour_set, settings, tmp_path):
     assert [h.label for h in hits] == ["blue"] * 5
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert all(a.score <= b.score for a, b in itertools.pairwise(hits))
+    first = hits[0]
+    assert first.to_dict() == {
+        "rank": 1, "id": first.id, "path": first.path, "score": first.score, "label": "blue"
+    }  # fmt: skip
+    with pytest.raises(AttributeError):  # a hit cannot be changed under its result
+        setattr(first, "score", 0.0)  # noqa: B010
 
 
 def test_second_run_leaves_unchanged_files_alone(colour_set, settings):

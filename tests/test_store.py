@@ -265,6 +265,42 @@ def test_what_searches_keep_between_queries_follows_every_change(store: Store) -
         store.names([one])
 
 
+def test_a_pinned_block_sees_other_commits_at_its_next_read_and_its_own_at_once(
+    store: Store,
+) -> None:
+    """Inside ``pinned()`` (what a search runs in) the catalogue is read as it was at the start
+    for other connections' commits, while this store's own still count; after it, the next read
+    sees everything."""
+    store.write_batch([update(1, "a")])
+    (one,) = ids_of(store, 1)
+    assert store.names([one]) == [("/img/1.png", None)]
+    with store.pinned():
+        with Store(store.root, create=False) as other:
+            other.set_labels({"/img/1.png": "cat"})
+        assert store.names([one]) == [("/img/1.png", None)]  # one reading for the block
+        with store.pinned():  # nested: the outer pin holds
+            assert store.names([one]) == [("/img/1.png", None)]
+        store.set_labels({"/img/1.png": "dog"})  # this store's commit counts at once
+        assert store.names([one]) == [("/img/1.png", "dog")]
+    with Store(store.root, create=False) as other:
+        other.set_labels({"/img/1.png": "owl"})
+    assert store.names([one]) == [("/img/1.png", "owl")]
+
+
+def test_names_and_records_of_more_ids_than_a_query_binds(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``MAX_BOUND_IDS`` the ids go to SQLite as one JSON list: same rows, same order."""
+    store.write_batch([update(n, "a") for n in range(6)])
+    ids = ids_of(store, *range(6))[::-1]
+    paths = [f"/img/{n}.png" for n in range(5, -1, -1)]
+    for bound in (len(ids), 2):
+        monkeypatch.setattr(store_module, "MAX_BOUND_IDS", bound)
+        store._cached.pop("names", None)
+        assert [p for p, _ in store.names(np.asarray(ids))] == paths
+        assert [r.path for r in store.records(ids)] == paths
+
+
 # -- reading vectors ------------------------------------------------------------------------------
 def test_vectors_for_keeps_the_order_given(store: Store) -> None:
     a = spec_id(store, "a")

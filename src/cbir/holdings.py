@@ -109,11 +109,18 @@ def extracted_together(store: Store, *, runnable_only: bool = False) -> tuple[st
 def check_metric(record: DescriptorRecord, metric: str | None) -> str:
     """The metric to rank a descriptor's vectors with (None: its default), refused with the
     list of those that fit when its input domain does not match the descriptor's values."""
-    m = get_metric(metric or record.metric)
-    if not metric_applies(record.name, m):
+    return _checked_metric(record.name, metric or record.metric)
+
+
+@lru_cache(maxsize=1024)
+def _checked_metric(descriptor: str, metric: str) -> str:
+    """:func:`check_metric` by names, remembered: every search asks it (a refusal is not kept,
+    so a metric registered later is found)."""
+    m = get_metric(metric)
+    if not metric_applies(descriptor, m):
         needs = "hash bits (0/1 vectors)" if m.binary else "histograms (non-negative vectors)"
         raise InvalidRequestError(
-            f"metric {m.name!r} compares {needs}, which descriptor {record.name!r} does not "
-            f"produce; use one of: {', '.join(metrics_for(record.name))}"
+            f"metric {m.name!r} compares {needs}, which descriptor {descriptor!r} does not "
+            f"produce; use one of: {', '.join(metrics_for(descriptor))}"
         )
     return m.name

@@ -186,6 +186,9 @@ _MOVED = f"temp.{_MOVED_TABLE}"
 _T = TypeVar("_T")
 #: Hit names (path, label) kept between searches while the catalogue is unchanged.
 MAX_CACHED_NAMES = 100_000
+#: Up to this many ids a query binds one per placeholder, more as one JSON list: SQLite's
+#: oldest default limit of bound variables. Placeholders cost the hits of a search least.
+MAX_BOUND_IDS = 999
 #: Segment memory maps kept open between reads of a few rows (a re-rank's candidates).
 MAX_MAPPED_SEGMENTS = 256
 #: The catalogue is read through a memory map up to this size: the rows of a search's hits cost
@@ -283,6 +286,35 @@ class Changes:
 
 def _no_ids() -> np.ndarray:
     return np.empty(0, dtype=np.int64)
+
+
+def _among(ids: list[int]) -> tuple[str, tuple[Any, ...]]:
+    """The right side of ``id IN ...`` for a list of ids, and what it binds."""
+    if len(ids) <= MAX_BOUND_IDS:
+        return f"({','.join('?' * len(ids))})", tuple(ids)
+    return "(SELECT value FROM json_each(?))", (json.dumps(ids),)
+
+
+class _Pin:
+    """The block of :meth:`Store.pinned`: a class rather than a generator-based context manager,
+    as it wraps every search and costs less to enter."""
+
+    __slots__ = ("outer", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.outer = False
+
+    def __enter__(self) -> None:
+        store = self.store
+        self.outer = getattr(store._local, "pinned_version", None) is not None
+        if not self.outer:
+            (version,) = store._conn().execute("PRAGMA data_version").fetchone()
+            store._local.pinned_version = int(version)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.outer:
+            self.store._local.pinned_version = None
 
 
 class Store:
@@ -413,10 +445,22 @@ class Store:
     def change_token(self) -> tuple[int, int, int]:
         """Equal between two calls in one thread only if nobody changed the catalogue in
         between: SQLite's ``data_version`` (bumped by other connections' commits, from any
-        process) and this store's own commits, on this thread's connection."""
+        process) and this store's own commits, on this thread's connection. Inside
+        :meth:`pinned`, other connections' commits are those seen when the pin was taken."""
         db = self._conn()
-        (version,) = db.execute("PRAGMA data_version").fetchone()
+        version = getattr(self._local, "pinned_version", None)
+        if version is None:
+            (version,) = db.execute("PRAGMA data_version").fetchone()
         return (self._local.serial, int(version), self._commits)
+
+    def pinned(self) -> _Pin:
+        """A block in which this thread reads what other connections committed once, at its
+        start: a search asks the catalogue several things (its descriptors, their generations,
+        the names of its hits), each cached under the change token, and one read of SQLite's
+        ``data_version`` serves them all. A commit from elsewhere during the block is seen by
+        the next one; this store's own commits still count at once. Nested pins keep the
+        outer one."""
+        return _Pin(self)
 
     def _cache(self, name: str, token: tuple[int, int, int], make: Callable[[], _T]) -> _T:
         """``make()``, or what it gave under the same change token."""
@@ -825,29 +869,28 @@ class Store:
         ids = [int(i) for i in image_ids]
         cursor = self._conn().cursor()
         cursor.row_factory = None  # plain tuples: this runs for the hits of every search
-        rows = cursor.execute(
-            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),),
-        )
+        among, bound = _among(ids)
+        rows = cursor.execute(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN {among}", bound)
         found = {r[0]: _image_record(r) for r in rows}
         return [found[i] for i in ids]
 
     def names(self, image_ids: Sequence[int] | np.ndarray) -> list[tuple[str, str | None]]:
         """``(path, label)`` of ``image_ids``, in that order: what a search shows of its hits,
         read without the rest of each row (a KeyError names a missing id)."""
-        ids = [int(i) for i in image_ids]
+        ids = image_ids.tolist() if isinstance(image_ids, np.ndarray) else list(map(int, image_ids))
         known: dict[int, tuple[str, str | None]] = self._cache("names", self.change_token(), dict)
         wanted = [i for i in ids if i not in known]
         if wanted:
             cursor = self._conn().cursor()
             cursor.row_factory = None
+            among, bound = _among(wanted)
             rows = cursor.execute(
-                "SELECT id, path, label FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(wanted),),
-            )
+                f"SELECT id, path, label FROM images WHERE id IN {among}", bound
+            ).fetchall()
             if len(known) > MAX_CACHED_NAMES:
                 known.clear()
-            known.update((r[0], (from_stored(r[1]), from_stored(r[2]))) for r in rows)
+            for image_id, path, label in rows:
+                known[image_id] = (from_stored(path), from_stored(label))
         return [known[i] for i in ids]
 
     def set_labels(self, labels: dict[str, str | None]) -> None:

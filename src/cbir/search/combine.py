@@ -73,6 +73,8 @@ def ranked_ids(
         center = queries if len(queries) == 1 else queries.mean(axis=0, keepdims=True, dtype=float)
         d, i = index.search(center, k, exclude=exclude, params=params)
         found = i[0] != MISSING
+        if found.all():  # the common case: no copies to make
+            return i[0], d[0]
         return i[0][found], d[0][found]
     if combine == "min":
         return merge_min(*index.search(queries, k, exclude=exclude, params=params), k)

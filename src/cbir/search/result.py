@@ -7,8 +7,8 @@ A :class:`SearchResult` is the one answer of every face: ``Collection.search`` r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 #: What a hit's score means: a distance (smaller is closer), a similarity (larger is closer),
 #: or a reciprocal-rank-fusion score of several rankings (larger is better).
@@ -16,9 +16,13 @@ ScoreKind = Literal["distance", "similarity", "rrf"]
 SCORE_KINDS: tuple[ScoreKind, ...] = ("distance", "similarity", "rrf")
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One result: its rank (1 = best), catalogue id, path, label and score."""
+class Hit(NamedTuple):
+    """One result: its rank (1 = best), catalogue id, path, label and score.
+
+    A named tuple rather than a frozen dataclass: as immutable, and made by the C constructor of
+    a tuple, where a frozen dataclass sets its fields one by one through ``object.__setattr__``;
+    a search makes one per result.
+    """
 
     rank: int
     id: int
@@ -27,7 +31,7 @@ class Hit:
     label: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 @dataclass(frozen=True)

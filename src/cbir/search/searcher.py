@@ -56,8 +56,13 @@ class Searcher:
         return held[1]
 
     def search(self, query: Query, request: SearchRequest) -> SearchResult:
-        """Rank the collection for ``query`` as ``request`` says."""
+        """Rank the collection for ``query`` as ``request`` says, on one reading of what other
+        processes have committed (``Store.pinned``)."""
         started = time.perf_counter()
+        with self.store.pinned():
+            return self._search(query, request, started)
+
+    def _search(self, query: Query, request: SearchRequest, started: float) -> SearchResult:
         records = [holdings.find(self.store, spec) for spec in request.descriptors]
         metrics = [
             holdings.check_metric(r, m) for r, m in zip(records, request.metrics, strict=True)
@@ -110,10 +115,15 @@ class Searcher:
         score: ScoreKind = "distance"
         if request.fused or (request.combine == "rrf" and n_queries > 1 and not request.expand):
             score = "rrf"
+        id_list = ids.tolist()
         hits = tuple(
-            Hit(rank=request.offset + n + 1, id=i, path=path, score=s, label=label)
-            for n, (i, (path, label), s) in enumerate(
-                zip(ids.tolist(), self.store.names(ids), scores.tolist(), strict=True)
+            Hit(rank, i, path, s, label)
+            for rank, i, (path, label), s in zip(
+                range(request.offset + 1, request.offset + 1 + len(id_list)),
+                id_list,
+                self.store.names(id_list),
+                scores.tolist(),
+                strict=True,
             )
         )
         return SearchResult(
@@ -284,7 +294,7 @@ def _as_vectors(array: np.ndarray) -> np.ndarray:
             f"a query array is a vector or a matrix of vectors, got shape {array.shape}; "
             "give an image as a file path or its encoded bytes"
         )
-    return np.atleast_2d(array).astype(np.float32)
+    return np.atleast_2d(array).astype(np.float32, copy=False)
 
 
 def matches(rec: ImageRecord, *, label: str | None = None, folder: str | None = None) -> bool:
