@@ -165,7 +165,7 @@ def test_bf16_stays_close_to_fp32(monkeypatch):
 
 
 @deep
-def test_centring_state_round_trips_and_pca_whitening_reduces():
+def test_centring_state_round_trips_and_pca_whitening_reduces(monkeypatch):
     arrays, _ = labelled_views(4)
     d = create_descriptor(SMALL).fit(arrays)
     state = d.get_state()
@@ -176,6 +176,11 @@ def test_centring_state_round_trips_and_pca_whitening_reduces():
     with pytest.raises(ValueError, match="must be fitted"):
         again.transform(arrays[:1])
     again.set_state(state)
+    np.testing.assert_array_equal(again.transform(arrays), d.transform(arrays))
+    # describing does not serialise the state (the neighbour pool) again: a service describes
+    # every upload with it
+    monkeypatch.setattr(again, "get_state", lambda: pytest.fail("transform read get_state"))
+    assert again.fitted
     np.testing.assert_array_equal(again.transform(arrays), d.transform(arrays))
     # centring on the set's mean: the blocks of the set average to about zero before renorm
     raw = create_descriptor(SMALL, center=False, augment=0).transform(arrays)

@@ -15,6 +15,8 @@ import importlib.util
 import io
 import itertools
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -162,6 +164,30 @@ def test_each_engine_equals_a_plain_float32_pytorch_forward(name, engine):
     )
     got = hist.transform(arrays)
     assert np.abs(got - reference_cnn_hist(arrays, stages)).max() < _engines.FP32_TOLERANCE
+
+
+@deep
+@pytest.mark.parametrize("name", _engines.ENGINES)
+def test_each_engine_describes_from_several_threads_at_once(name, engine):
+    """A service describes uploads, regions and heat maps in several threads: each call gets
+    its own batch's vectors, none fails because another is running."""
+    if not _engines.installed(name):
+        pytest.skip(f"engine {name} is not installed")
+    engine(name)
+    arrays = images()
+    d = create_descriptor(f"cnn:size={SIDE},center=false,augment=0,precision=fp32")
+    batches = [arrays[n % len(arrays) :] + arrays[: n % len(arrays)] for n in range(12)]
+    alone = [d.transform(b) for b in batches]
+    start = threading.Barrier(len(batches))
+
+    def describe(batch: list[np.ndarray]) -> np.ndarray:
+        start.wait()
+        return d.transform(batch)
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        together = list(pool.map(describe, batches))
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=_engines.FP32_TOLERANCE)
 
 
 @deep

@@ -186,12 +186,16 @@ class OpenVinoNetwork:
         compiled = core.compile_model(str(graph_file(model, side, readout)), "CPU", config)
         self._request = compiled.create_infer_request()
         self._count = len(compiled.outputs)
+        # one request, and it takes one batch at a time ("Infer Request is busy" otherwise):
+        # a service describes uploads, regions and heat maps from several threads at once
+        self._lock = threading.Lock()
 
     def features(self, images: np.ndarray) -> list[np.ndarray]:
         request = self._request
-        request.infer({0: np.ascontiguousarray(images)})
-        # the request reuses its output buffers: copy before the next batch overwrites them
-        return [request.get_output_tensor(i).data.copy() for i in range(self._count)]
+        with self._lock:
+            request.infer({0: np.ascontiguousarray(images)})
+            # the request reuses its output buffers: copy before the next batch overwrites them
+            return [request.get_output_tensor(i).data.copy() for i in range(self._count)]
 
 
 _CLASSES: dict[str, type[TorchNetwork | OnnxNetwork | OpenVinoNetwork]] = {

@@ -371,6 +371,14 @@ class CNNEmbedding(_DeepBase, DerivedDescriptor):
             x = self._augmented(x)
         return x.astype(np.float32)
 
+    @property
+    def fitted(self) -> bool:
+        # what ``bool(get_state())`` says, without converting the neighbour pool (tens of MB)
+        # at every ``transform``
+        return not self.requires_fit or any(
+            part is not None for part in (self._mean, self._components, self._reference)
+        )
+
     def get_state(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
         if self._mean is not None:
