@@ -191,6 +191,31 @@ def test_each_engine_describes_from_several_threads_at_once(name, engine):
 
 
 @deep
+@pytest.mark.skipif(not _engines.installed("openvino"), reason="openvino is not installed")
+def test_openvino_in_a_worker_runs_one_thread_that_is_not_pinned(monkeypatch, engine):
+    """Two extraction workers, one OpenVINO thread each, must use two cores: OpenVINO's default
+    pinning put both workers' threads on the same core (half the rate, found by bench_deep on a
+    quiet machine)."""
+    import openvino as ov
+
+    engine("openvino")
+    monkeypatch.setenv("CBIR_WORKER", "1")
+    monkeypatch.setattr(_engines, "_CACHE", {})  # a network built outside a worker is not it
+    configs = []
+    compile_model = ov.Core.compile_model
+
+    def recorded(core, model, device, config=None):
+        configs.append(dict(config or {}))
+        return compile_model(core, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recorded)
+    d = create_descriptor(f"cnn:size={SIDE},center=false,augment=0")
+    assert d.transform(images()[:1]).shape == (1, d.dim)
+    assert configs and all(c["INFERENCE_NUM_THREADS"] == 1 for c in configs)
+    assert all(c["ENABLE_CPU_PINNING"] is False for c in configs)
+
+
+@deep
 def test_torch_is_the_reference_and_graph_engines_run_without_it_changing_the_spec(engine):
     spec = create_descriptor(f"cnn:size={SIDE},center=false,augment=0").spec
     assert "engine" not in spec  # the engine is no parameter: a stored vector's name is the same

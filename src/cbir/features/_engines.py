@@ -183,6 +183,9 @@ class OpenVinoNetwork:
         }
         if _in_worker():
             config["INFERENCE_NUM_THREADS"] = 1
+            # OpenVINO pins its threads to cores by default, and every worker process picks the
+            # same core for its one thread: two workers then share one core (half the rate)
+            config["ENABLE_CPU_PINNING"] = False
         compiled = core.compile_model(str(graph_file(model, side, readout)), "CPU", config)
         self._request = compiled.create_infer_request()
         self._count = len(compiled.outputs)
