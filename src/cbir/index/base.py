@@ -52,10 +52,16 @@ class SearchParams:
     def __post_init__(self) -> None:
         for name in ("ef", "nprobe", "rerank"):
             value = getattr(self, name)
-            if value is not None and (
-                not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1
-            ):
-                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                positive_int(name, value)
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int; an InvalidRequestError naming ``name`` unless it is a positive
+    integer (a bool is not): every count and size an index takes is checked here."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @runtime_checkable
@@ -138,8 +144,7 @@ def index_class(kind: str) -> type:
 
 def create_index(kind: str, *, metric: str | Metric, dim: int, **params: Any) -> VectorIndex:
     """A new, empty index of ``kind`` for ``dim``-dimensional vectors under ``metric``."""
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise InvalidRequestError(f"dim must be a positive integer, got {dim!r}")
+    dim = positive_int("dim", dim)
     cls = index_class(kind)
     allowed = index_parameters(cls)
     unknown = sorted(set(params) - set(allowed) - set(MANAGED))
@@ -196,8 +201,7 @@ def load_index(
 def check_query(queries: np.ndarray, k: int, dim: int) -> np.ndarray:
     """Validate a search's arguments, the same way for every kind: a 2-D float matrix of
     ``dim`` columns and a positive integer ``k``."""
-    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
-        raise InvalidRequestError(f"k must be a positive integer, got {k!r}")
+    positive_int("k", k)
     try:
         return as_matrix(queries, dim)
     except ValueError as exc:

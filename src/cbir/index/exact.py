@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cbir.errors import CorruptError, InvalidRequestError
+from cbir.errors import CorruptError
 from cbir.index.base import (
     MISSING,
     SearchParams,
     atomic_save,
     check_query,
     check_rows,
+    positive_int,
     register_index,
 )
 from cbir.metrics import Metric, get_metric, take_rows
@@ -45,11 +46,9 @@ class ExactIndex:
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, block_rows: int = DEFAULT_BLOCK_ROWS
     ) -> None:
-        if not isinstance(block_rows, int) or block_rows < 1:
-            raise InvalidRequestError(f"block_rows must be a positive integer, got {block_rows!r}")
+        self.block_rows = positive_int("block_rows", block_rows)
         self.metric = get_metric(metric)
         self.dim = dim
-        self.block_rows = block_rows
         # (ids, prepared rows): replaced whole on every update, never modified in place
         self._data: tuple[np.ndarray, Prepared | None] = (np.empty(0, np.int64), None)
 

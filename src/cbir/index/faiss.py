@@ -38,6 +38,7 @@ from cbir.index.base import (
     atomic_save,
     check_query,
     check_rows,
+    positive_int,
     register_index,
 )
 from cbir.index.routing import (
@@ -90,12 +91,6 @@ def import_faiss() -> Any:
     return faiss
 
 
-def _positive(name: str, value: object) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 @register_index
 class FaissIndex:
     """A FAISS index built from a factory string over a metric's route embedding.
@@ -128,9 +123,9 @@ class FaissIndex:
         self.metric = get_metric(metric)
         self.dim = dim
         self.factory = str(factory)
-        self.rerank = _positive("rerank", rerank)
-        self.ef_search = _positive("ef_search", ef_search)
-        self.nprobe = _positive("nprobe", nprobe)
+        self.rerank = positive_int("rerank", rerank)
+        self.ef_search = positive_int("ef_search", ef_search)
+        self.nprobe = positive_int("nprobe", nprobe)
         self.source = source
         self.lossy = bool(_LOSSY.search(self.factory))
         # FAISS's quantised codes know only L2 and inner product
@@ -484,7 +479,7 @@ class HNSWIndex(FaissIndex):
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, M: int = DEFAULT_M, **params: Any
     ) -> None:
-        super().__init__(metric, dim=dim, factory=f"HNSW{_positive('M', M)}", **params)
+        super().__init__(metric, dim=dim, factory=f"HNSW{positive_int('M', M)}", **params)
 
 
 @register_index
@@ -497,7 +492,7 @@ class HNSWSQIndex(FaissIndex):
     def __init__(
         self, metric: str | Metric = "euclidean", *, dim: int, M: int = DEFAULT_M, **params: Any
     ) -> None:
-        super().__init__(metric, dim=dim, factory=f"HNSW{_positive('M', M)}_SQ8", **params)
+        super().__init__(metric, dim=dim, factory=f"HNSW{positive_int('M', M)}_SQ8", **params)
 
 
 @register_index
@@ -528,7 +523,7 @@ class IVFFlatIndex(FaissIndex):
         **params: Any,
     ) -> None:
         super().__init__(metric, dim=dim, factory="IVF{nlist},Flat", **params)
-        self.nlist = None if nlist is None else _positive("nlist", nlist)
+        self.nlist = None if nlist is None else positive_int("nlist", nlist)
 
     def _factory_for(self, expected: int, sample: int, width: int) -> tuple[str, int]:
         return self.factory.format(nlist=self.nlist or _lists_for(expected, sample)), width
@@ -552,8 +547,8 @@ class IVFPQIndex(FaissIndex):
         **params: Any,
     ) -> None:
         super().__init__(metric, dim=dim, factory="IVF{nlist},PQ{m}x{bits}", **params)
-        self.nlist = None if nlist is None else _positive("nlist", nlist)
-        self.pq_bytes = None if pq_bytes is None else _positive("pq_bytes", pq_bytes)
+        self.nlist = None if nlist is None else positive_int("nlist", nlist)
+        self.pq_bytes = None if pq_bytes is None else positive_int("pq_bytes", pq_bytes)
 
     def _factory_for(self, expected: int, sample: int, width: int) -> tuple[str, int]:
         m = min(self.pq_bytes or -(-width // PQ_DIMS_PER_BYTE), width)

@@ -57,6 +57,7 @@ from cbir.index.base import (
     atomic_save,
     check_query,
     check_rows,
+    positive_int,
     register_index,
 )
 from cbir.index.faiss import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, DEFAULT_NPROBE
@@ -113,12 +114,6 @@ def import_pymilvus() -> Any:
     except ImportError as exc:
         raise UnavailableError(f"the milvus index needs pymilvus ({exc}); {INSTALL}") from None
     return pymilvus
-
-
-def _positive(name: str, value: object) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def is_lite(uri: str) -> bool:
@@ -231,12 +226,12 @@ class MilvusIndex:
         self.metric = get_metric(metric)
         self.dim = dim
         self.index_type = str(index_type).upper()
-        self.M = _positive("M", M)
-        self.ef_construction = _positive("ef_construction", ef_construction)
-        self.ef_search = _positive("ef_search", ef_search)
-        self.nlist = _positive("nlist", nlist)
-        self.nprobe = _positive("nprobe", nprobe)
-        self.rerank = _positive("rerank", rerank)
+        self.M = positive_int("M", M)
+        self.ef_construction = positive_int("ef_construction", ef_construction)
+        self.ef_search = positive_int("ef_search", ef_search)
+        self.nlist = positive_int("nlist", nlist)
+        self.nprobe = positive_int("nprobe", nprobe)
+        self.rerank = positive_int("rerank", rerank)
         self.source = source
         self._access = MilvusSettings.from_env()
         self.uri, self._uri_from = _resolve_uri(uri, self._access, home)
