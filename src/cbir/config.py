@@ -67,6 +67,14 @@ def cache_dir() -> Path:
     return Path(base) / "cbir"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -172,12 +180,7 @@ class ServerSettings:
     @property
     def worker_count(self) -> int:
         """Search threads: ``workers``, or one per available core."""
-        if self.workers > 0:
-            return self.workers
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
+        return self.workers if self.workers > 0 else available_cores()
 
 
 @dataclass(frozen=True)
@@ -281,9 +284,4 @@ class Settings:
     @property
     def worker_count(self) -> int:
         """Worker processes to use: ``workers``, or one per available core."""
-        if self.workers > 0:
-            return self.workers
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
+        return self.workers if self.workers > 0 else available_cores()
