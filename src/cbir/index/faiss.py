@@ -44,6 +44,7 @@ from cbir.index.base import (
 from cbir.index.routing import (
     DEFAULT_RERANK,
     InnerProductAsL2,
+    RoutedIndex,
     VectorCopy,
     VectorSource,
     rerank,
@@ -92,7 +93,7 @@ def import_faiss() -> Any:
 
 
 @register_index
-class FaissIndex:
+class FaissIndex(RoutedIndex):
     """A FAISS index built from a factory string over a metric's route embedding.
 
     ``rerank``: candidates per result re-ranked exactly (where needed); ``source``: reads the
@@ -150,13 +151,6 @@ class FaissIndex:
         return self._count
 
     @property
-    def needs_rerank(self) -> bool:
-        """Whether results are ranked again by the true metric on the full vectors: for
-        candidate routes, quantised codes, and inner products searched as L2 (whose scores
-        lose float32 digits to the radius)."""
-        return not self.route.exact or self.lossy or self._mips is not None
-
-    @property
     def stale(self) -> bool:
         """Whether rebuilding would serve better: many dead rows, or far outgrown training."""
         rows = len(self._alive)
@@ -184,13 +178,9 @@ class FaissIndex:
         return self.factory, width
 
     def _embedded(self, X: np.ndarray, query: bool = False) -> np.ndarray:
-        """Rows embedded by the route, float32, zero-padded to the held width (zeros change no
-        L2, inner product, L1 or L-inf)."""
-        E = self.route.queries(X) if query else self.route.embed(X)
-        E = np.ascontiguousarray(E, dtype=np.float32)
-        if self._mips is not None:
-            E = self._mips.queries(E) if query else self._mips.rows(E)
-        return self._padded(E)
+        """The route's rows, zero-padded to the held width (zeros change no L2, inner product,
+        L1 or L-inf)."""
+        return self._padded(super()._embedded(X, query))
 
     def _padded(self, E: np.ndarray) -> np.ndarray:
         if self._width > E.shape[1]:
@@ -347,13 +337,6 @@ class FaissIndex:
             layout = ("flat", wrapped, 0)
         self._layout_of = (self._index, layout)
         return layout
-
-    def _full_vectors(self) -> VectorSource:
-        if self.source is not None:
-            return self.source
-        if self._copy is None:  # nothing added yet: no candidate is ever read
-            self._copy = VectorCopy(self.dim)
-        return self._copy
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -64,6 +64,7 @@ from cbir.index.faiss import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT
 from cbir.index.routing import (
     DEFAULT_RERANK,
     InnerProductAsL2,
+    RoutedIndex,
     VectorCopy,
     VectorSource,
     ranked,
@@ -191,7 +192,7 @@ def _collection_name(label: str | None) -> str:
 
 
 @register_index
-class MilvusIndex:
+class MilvusIndex(RoutedIndex):
     """A Milvus collection over a metric's route embedding (see the module docstring).
 
     ``uri``: a server (``http://HOST:19530``) or a Milvus Lite file (default: see the module).
@@ -249,12 +250,6 @@ class MilvusIndex:
     # -- what it holds -------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._ids)
-
-    @property
-    def needs_rerank(self) -> bool:
-        """Whether results are ranked again by the true metric on the full vectors: candidate
-        routes, quantised index types and inner products searched as L2."""
-        return not self.route.exact or self.lossy or self._mips is not None
 
     @property
     def stale(self) -> bool:
@@ -335,15 +330,6 @@ class MilvusIndex:
         self._width = width
 
     # -- updating ------------------------------------------------------------------------------
-    def _embedded(self, X: np.ndarray, query: bool = False) -> np.ndarray:
-        """Rows embedded by the route, float32 (one coordinate more for a graph's inner
-        product)."""
-        E = self.route.queries(X) if query else self.route.embed(X)
-        E = np.ascontiguousarray(E, dtype=np.float32)
-        if self._mips is not None:
-            E = self._mips.queries(E) if query else self._mips.rows(E)
-        return E
-
     def train(self, vectors: np.ndarray, expected: int | None = None) -> None:
         """Make the Milvus collection, its width from a sample of the vectors (Milvus trains
         its IVF cells itself, per segment; ``expected`` is not needed)."""
@@ -456,13 +442,6 @@ class MilvusIndex:
             ids[row, :n] = hits.ids[:n]
             S[row, :n] = hits.distances[:n]
         return S, ids
-
-    def _full_vectors(self) -> VectorSource:
-        if self.source is not None:
-            return self.source
-        if self._copy is None:  # nothing added yet: no candidate is ever read
-            self._copy = VectorCopy(self.dim)
-        return self._copy
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:

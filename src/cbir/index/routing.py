@@ -9,6 +9,8 @@ the vectors; cbir answers in the metric the user asked for. Three pieces sit bet
   routes, quantised codes), block by block over the queries;
 - :class:`VectorCopy`: the full vectors an index keeps for that re-rank when nothing else can
   read them (an index made on its own, outside a collection).
+
+:class:`RoutedIndex` puts them together for a kind: the FAISS and Milvus kinds derive from it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from numpy.lib.npyio import NpzFile
 
 from cbir.index.base import MISSING
 from cbir.metrics import Metric
+from cbir.metrics.base import Route
 
 #: Candidates per wanted result ranked again by the true metric (rerank routes, lossy codes).
 DEFAULT_RERANK = 10
@@ -148,3 +151,42 @@ class VectorCopy:
         if not len(copy._ids) == len(copy._alive) == len(copy._rows):
             raise ValueError("the saved vector copy's arrays differ in length")
         return copy
+
+
+class RoutedIndex:
+    """What an engine-backed kind does around its engine: rows embedded by the metric's route
+    (inner products on a graph searched as L2), and the full vectors a re-rank reads. A kind
+    sets these attributes in its constructor."""
+
+    metric: Metric
+    route: Route
+    dim: int
+    #: the engine keeps approximations of the vectors (quantised codes)
+    lossy: bool
+    #: reads the full vectors of ids (None: the index keeps a :class:`VectorCopy`)
+    source: VectorSource | None
+    _mips: InnerProductAsL2 | None
+    _copy: VectorCopy | None
+
+    @property
+    def needs_rerank(self) -> bool:
+        """Whether results are ranked again by the true metric on the full vectors: for
+        candidate routes, quantised codes, and inner products searched as L2 (whose scores
+        lose float32 digits to the radius)."""
+        return not self.route.exact or self.lossy or self._mips is not None
+
+    def _embedded(self, X: np.ndarray, query: bool = False) -> np.ndarray:
+        """Rows embedded by the route, float32 (one coordinate more for an inner product
+        searched as L2)."""
+        E = self.route.queries(X) if query else self.route.embed(X)
+        E = np.ascontiguousarray(E, dtype=np.float32)
+        if self._mips is not None:
+            E = self._mips.queries(E) if query else self._mips.rows(E)
+        return E
+
+    def _full_vectors(self) -> VectorSource:
+        if self.source is not None:
+            return self.source
+        if self._copy is None:  # nothing added yet: no candidate is ever read
+            self._copy = VectorCopy(self.dim)
+        return self._copy
