@@ -142,6 +142,27 @@ def test_pages_and_filters(colours):
         col.search(1, offset=-1)
 
 
+def test_a_filter_follows_the_catalogue_and_pages_a_listing(tmp_path):
+    """A filter is decided once per catalogue state: a page after a relabelling in another
+    connection sees the new labels; folders match by their last parts, whole names only."""
+    paths = write_colour_set(tmp_path / "images", per_class=3)
+    settings = Settings(collection=tmp_path / "col", workers=1, default_descriptors=("color-hist",))
+    with Collection(settings.collection, settings=settings) as col:
+        col.add(tmp_path / "images", labels="folder")
+        total, page = col.listing(0, 2, label="red")
+        assert total == 3 and [r.label for r in page] == ["red", "red"]
+        assert col.listing(2, 2, label="red")[1][0].label == "red"
+        assert len(col.search(1, k=30, folder="red")) == 3
+        assert len(col.search(1, k=30, folder="ed")) == 0  # not part of a name
+        assert col.listing(folder="/")[0] == 0  # no folder at all names none
+        with Collection(settings.collection, settings=settings, create=False) as other:
+            other.store.set_labels({str(p.resolve()): "crimson" for p in paths["red"][:2]})
+        assert col.listing(label="red")[0] == 1
+        assert {h.label for h in col.search(1, k=30, label="crimson")} == {"crimson"}
+        assert len(col.search(1, k=30, label="crimson")) == 2
+        assert len(col.search(1, k=30, folder="images/red", label="red")) == 1
+
+
 def test_cli_like_and_unlike(colours, tmp_path):
     col, _ = colours
     query = _two_colour(tmp_path / "q.png", "red", "blue")

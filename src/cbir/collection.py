@@ -41,7 +41,7 @@ from cbir.search.explain import Explanation, explain
 from cbir.search.feedback import Feedback
 from cbir.search.request import SearchRequest
 from cbir.search.result import Hit, SearchResult
-from cbir.search.searcher import Query, QueryLike, Searcher, matches
+from cbir.search.searcher import Query, QueryLike, Searcher
 from cbir.store import DescriptorRecord, ImageRecord, Store
 from cbir.thumbnails import DEFAULT_SIDE, thumbnail
 
@@ -196,10 +196,8 @@ class Collection:
             raise InvalidRequestError(f"offset must be an integer >= 0, got {offset!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidRequestError(f"limit must be a positive integer, got {limit!r}")
-        rows = self.store.images(status="ok")
-        if label is not None or folder is not None:
-            rows = [r for r in rows if matches(r, label=label, folder=folder)]
-        return len(rows), rows[offset : offset + limit]
+        kept = self._searcher.filtered(label=label, folder=folder).kept
+        return len(kept), self.store.records(kept[offset : offset + limit])
 
     def thumbnail(self, image_id: int, side: int = DEFAULT_SIDE) -> Path:
         """The file of an indexed image's thumbnail, made once and kept (``cbir.thumbnails``)."""

@@ -800,6 +800,19 @@ class Store:
             args = (status,)
         return [_image_record(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
+    def named_images(self) -> tuple[np.ndarray, list[str], list[str | None]]:
+        """Ids (ascending, int64), paths and labels of the indexed ("ok") images, in one read
+        without the rest of their rows: what a filter by label or folder is decided on."""
+        cursor = self._conn().cursor()
+        cursor.row_factory = None
+        rows = cursor.execute(
+            "SELECT id, path, label FROM images WHERE status = 'ok' ORDER BY id"
+        ).fetchall()
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        paths = [from_stored(r[1]) for r in rows]
+        labels = [from_stored(r[2]) for r in rows]
+        return ids, paths, labels
+
     def image_by_path(self, path: str) -> ImageRecord | None:
         """The catalogue row of the image at ``path``, if it has one."""
         row = (

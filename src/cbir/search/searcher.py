@@ -11,8 +11,10 @@ may also be the catalogue id of an image (its stored vector) or a :class:`Region
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,8 @@ class Searcher:
         self.indexes = indexes
         #: descriptor id -> (state stamp, ready descriptor): models and fitted state loaded once
         self._instances: dict[int, tuple[int | None, Descriptor]] = {}
+        #: each thread's last filter (change tokens are per thread's connection)
+        self._filters = threading.local()
 
     def instance(self, record: DescriptorRecord) -> Descriptor:
         """The ready descriptor of a record, loaded once and again only after a refit."""
@@ -168,14 +172,21 @@ class Searcher:
         """Ids a label or folder filter leaves out (None: no filter)."""
         if not request.filtered:
             return None
-        return np.asarray(
-            [
-                r.id
-                for r in self.store.images(status="ok")
-                if not matches(r, label=request.label, folder=request.folder)
-            ],
-            np.int64,
-        )
+        return self.filtered(label=request.label, folder=request.folder).left_out
+
+    def filtered(self, *, label: str | None = None, folder: str | None = None) -> Filtered:
+        """The indexed images a label and folder filter keep and leave out (None: no filter of
+        that kind), decided once per filter and state of the catalogue: paging through a
+        filtered search or listing reads the catalogue once, not at every page."""
+        token, key = self.store.change_token(), (label, folder)
+        held: Filtered | None = getattr(self._filters, "held", None)
+        if held is None or held.token != token or held.key != key:
+            ids, paths, labels = self.store.named_images()
+            passes = name_filter(label=label, folder=folder)
+            keep = np.fromiter(map(passes, paths, labels), bool, len(ids))
+            held = Filtered(token, key, ids[keep], ids[~keep])
+            self._filters.held = held
+        return held
 
     def query_vectors(self, query: Query, record: DescriptorRecord) -> tuple[np.ndarray, list[int]]:
         """Vectors for the query items, and the catalogue ids of those in the collection."""
@@ -297,17 +308,36 @@ def _as_vectors(array: np.ndarray) -> np.ndarray:
     return np.atleast_2d(array).astype(np.float32, copy=False)
 
 
-def matches(rec: ImageRecord, *, label: str | None = None, folder: str | None = None) -> bool:
-    """Whether a catalogued image passes a label filter and a folder filter: ``folder`` is the
-    name of the folder holding it, or the end of that folder's path (``cats/2024``)."""
-    if label is not None and rec.label != label:
-        return False
-    if folder is not None:
-        want = Path(folder.strip("/")).parts
-        have = Path(rec.path).parent.parts
-        if not want or have[len(have) - len(want) :] != want:
+@dataclass(frozen=True)
+class Filtered:
+    """What a label and folder filter decided, and for which catalogue state and filter."""
+
+    token: tuple[int, int, int]
+    key: tuple[str | None, str | None]
+    #: ids of the indexed images it keeps and leaves out, ascending
+    kept: np.ndarray
+    left_out: np.ndarray
+
+
+def name_filter(
+    *, label: str | None = None, folder: str | None = None
+) -> Callable[[str, str | None], bool]:
+    """The test of an indexed image's path and label under a label filter and a folder filter:
+    ``folder`` is the name of the folder holding it, or the end of that folder's path
+    (``cats/2024``); None filters nothing. The filter is parsed once, as the test runs over every
+    image of a collection when a filter is new. Catalogued paths are absolute and normalised,
+    so the folder test is one comparison of strings: the path's folder ends with ``/`` and the
+    filter's parts."""
+    want = None if folder is None else "/" + "/".join(Path(folder.strip("/")).parts)
+
+    def passes(path: str, image_label: str | None) -> bool:
+        if label is not None and image_label != label:
             return False
-    return True
+        if want is not None:
+            return want != "/" and path[: path.rfind("/")].endswith(want)
+        return True
+
+    return passes
 
 
 def unchanged(rec: ImageRecord) -> bool:
