@@ -287,6 +287,22 @@ def test_a_pinned_block_sees_other_commits_at_its_next_read_and_its_own_at_once(
     assert store.names([one]) == [("/img/1.png", "owl")]
 
 
+def test_threads_that_take_turns_keep_what_they_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service searches from several threads in turn: each keeps its own reading of the
+    descriptors while the catalogue is unchanged, instead of the threads evicting each
+    other's."""
+    reads = []
+    read = store._read_descriptors
+    monkeypatch.setattr(store, "_read_descriptors", lambda: reads.append(1) or read())
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:
+        for _ in range(5):
+            for pool in (a, b):
+                assert [d.spec for d in pool.submit(store.descriptors).result()] == ["a", "b"]
+    assert len(reads) == 2  # once per thread
+
+
 def test_names_and_records_of_more_ids_than_a_query_binds(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,8 +312,9 @@ def test_names_and_records_of_more_ids_than_a_query_binds(
     paths = [f"/img/{n}.png" for n in range(5, -1, -1)]
     for bound in (len(ids), 2):
         monkeypatch.setattr(store_module, "MAX_BOUND_IDS", bound)
-        store._cached.pop("names", None)
+        store.set_labels({"/img/0.png": f"read with {bound}"})  # a commit: names read again
         assert [p for p, _ in store.names(np.asarray(ids))] == paths
+        assert store.names([ids[-1]]) == [("/img/0.png", f"read with {bound}")]
         assert [r.path for r in store.records(ids)] == paths
 
 

@@ -341,10 +341,10 @@ class Store:
                 f"no collection at {self.root} (run `cbir index DIR` to create one, "
                 "or choose another with --collection / CBIR_COLLECTION)"
             )
+        # per thread: its connection, and what searches read on every query (descriptors,
+        # generations, hit names) kept until the catalogue changes, as (change token, value) by
+        # what it is (a token is its thread's connection's: threads cannot share one)
         self._local = threading.local()
-        # what searches read on every query (descriptors, generations, hit names), kept until
-        # the catalogue changes: (change token, value) by what it is
-        self._cached: dict[str, tuple[tuple[int, int, int], Any]] = {}
         self._maps: dict[tuple[int, str], np.ndarray] = {}  # see _mapped_segment
         self._maps_lock = threading.Lock()
         self._commits = 0  # transactions this store committed (its own connections' changes)
@@ -463,12 +463,16 @@ class Store:
         return _Pin(self)
 
     def _cache(self, name: str, token: tuple[int, int, int], make: Callable[[], _T]) -> _T:
-        """``make()``, or what it gave under the same change token."""
-        held = self._cached.get(name)
+        """``make()``, or what it gave this thread under the same change token."""
+        cached: dict[str, tuple[tuple[int, int, int], Any]] | None
+        cached = getattr(self._local, "cached", None)
+        if cached is None:
+            cached = self._local.cached = {}
+        held = cached.get(name)
         if held is not None and held[0] == token:
             return held[1]
         value = make()
-        self._cached[name] = (token, value)
+        cached[name] = (token, value)
         return value
 
     def _close_connections(self) -> None:
