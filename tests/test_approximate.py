@@ -19,6 +19,7 @@ from cbir.errors import InvalidRequestError
 from cbir.index import SearchParams, create_index
 from cbir.index.manager import choose_kind
 from cbir.metrics import get_metric, metric_names
+from cbir.store import ImageUpdate
 from tests.conftest import write_colour_set
 
 SPACE_DISTANCES = {
@@ -75,6 +76,61 @@ def test_hnsw_finds_the_true_neighbours_of_hard_metrics(metric, histograms):
     assert recall >= 0.95
     full = get_metric(metric).pairwise(Q, X)  # the scores are the metric's own
     np.testing.assert_allclose(D, np.take_along_axis(full, got, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def _labelled_clusters(n: int, dim: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows around 50 centres, and each row's centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, dim))
+    cluster = rng.integers(0, 50, n)
+    return (centres[cluster] + rng.normal(0, 0.4, (n, dim))).astype(np.float32), cluster
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
+def test_an_index_searched_with_most_rows_excluded_still_finds_k(kind):
+    """Excluded rows scattered over the space (nine in ten): the search widens by as much, so
+    it still returns k of the rows left, nearly all of them the exact ones."""
+    X, _ = _labelled_clusters(20_000, 32)
+    ids = np.arange(1, len(X) + 1)
+    left_out = ids[ids % 10 != 0]
+    Q, _ = _labelled_clusters(40, 32, seed=6)
+    exact = create_index("exact", metric="euclidean", dim=32)
+    index = create_index(kind, metric="euclidean", dim=32)
+    for i in (exact, index):
+        i.add(ids, X)
+    _, truth = exact.search(Q, 10, exclude=left_out)
+    _, found = index.search(Q, 10, exclude=left_out)
+    assert (found != -1).all() and not np.isin(found, left_out).any()
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert recall >= 0.95
+
+
+def test_a_label_filter_away_from_the_query_is_answered_exactly(tmp_path):
+    """A search for one label from an image of another (cats from a plane) in a collection
+    past the threshold: the images kept lie away from the query, where a graph search finds
+    too few; a filter that keeps few images is searched exactly, so the answer is exact
+    search's, k images long."""
+    X, cluster = _labelled_clusters(8_000, 256)
+    col_dir = tmp_path / "col"
+    settings = Settings(collection=col_dir, index="hnsw", auto_threshold=100)
+    spec = "color-hist:space=hsv,bins=16x4x4"  # 256 values: the vectors are filed under it
+    with Collection(col_dir, settings=settings, create=True) as col:
+        col.store.add_descriptor(spec, "color-hist", {}, 256, "euclidean")
+        col.store.acquire()
+        col.store.write_batch(
+            [
+                ImageUpdate(f"/x/{n}.png", 1, 1, None, "ok", label=f"c{c % 10}", vectors={spec: x})
+                for n, (x, c) in enumerate(zip(X, cluster, strict=True))
+            ]
+        )
+        col.store.release()
+        queries = X[cluster % 10 == 3][:20]  # images of label c3, searched among c0
+        for q in queries:
+            got = col.search(q, 10, metric="euclidean", label="c0")
+            want = col.search(q, 10, metric="euclidean", label="c0", exact=True)
+            assert [h.id for h in got] == [h.id for h in want] and len(got) == 10
+            assert {h.label for h in got} == {"c0"}
+        assert col.search(queries[0], 10, metric="euclidean").indexes == ("hnsw",)
 
 
 def test_canberra_candidates_come_in_the_metric_s_own_order(histograms):

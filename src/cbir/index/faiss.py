@@ -66,6 +66,9 @@ LISTS_PER_ROOT = 4
 #: Training vectors FAISS wants per centroid (it warns below 39).
 POINTS_PER_CENTROID = 39
 DEFAULT_NPROBE = 16
+#: A graph search that may return only some of the rows widens by the fraction it skips, up to
+#: this breadth (a search of the default breadth that skips 31 rows in 32).
+MAX_FILTERED_EF = 2048
 #: PQ: dimensions per code byte by default, and bits per sub-quantiser code.
 PQ_DIMS_PER_BYTE = 8
 PQ_BITS = 8
@@ -264,10 +267,11 @@ class FaissIndex(RoutedIndex):
         if k == 0 or self._index is None:
             return np.full((m, k), np.inf), np.full((m, k), MISSING, np.int64)
         labels, alive = self._labels, self._alive
+        keep = self._kept(labels, alive, exclude)
         wanted = k * (params.rerank or self.rerank) if self.needs_rerank else k
         wanted = min(wanted, len(labels))
         embedded = self._embedded(Q, query=True)
-        S, rows = self._faiss_search(embedded, wanted, labels, alive, exclude, params)
+        S, rows = self._faiss_search(embedded, wanted, keep, params)
         found = rows >= 0
         complete = bool(found.all())  # no slot left empty: the common case, fewer passes
         if complete:
@@ -280,29 +284,37 @@ class FaissIndex(RoutedIndex):
         D = self.route.distance(S.astype(np.float64), Q)
         return (D if complete else np.where(found, D, np.inf)), ids
 
+    def _kept(
+        self, labels: np.ndarray, alive: np.ndarray, exclude: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The rows a search may return, or None when it may return every row (no dead rows,
+        nothing excluded: the common case)."""
+        if exclude is not None and len(exclude):
+            return alive & ~np.isin(labels, np.asarray(exclude, np.int64))
+        return None if self._count == len(alive) else alive
+
     def _faiss_search(
-        self,
-        embedded: np.ndarray,
-        k: int,
-        labels: np.ndarray,
-        alive: np.ndarray,
-        exclude: np.ndarray | None,
-        params: SearchParams,
+        self, embedded: np.ndarray, k: int, keep: np.ndarray | None, params: SearchParams
     ) -> tuple[np.ndarray, np.ndarray]:
         faiss = import_faiss()
-        keep = alive
-        if exclude is not None and len(exclude):
-            keep = alive & ~np.isin(labels, np.asarray(exclude, np.int64))
         family, wrapped, nlist = self._layout()
         breadth = 0  # what the family's parameters set
         if family == "hnsw":
             breadth = max(params.ef or self.ef_search * self.route.breadth, k)
         elif family == "ivf":
             breadth = min(params.nprobe or self.nprobe, nlist)
-        if keep is alive and self._count == len(alive):  # no row to skip: the common case
+        if keep is None:
             search_params = self._search_params(family, wrapped, breadth)
             S, rows = self._index.search(embedded, k, params=search_params)
             return S, rows
+        # rows skipped (dead, excluded) leave a search of the usual breadth fewer to find:
+        # widen it by as much (a breadth given per query too: it is the breadth among the rows
+        # the search may return)
+        widen = len(keep) / max(int(np.count_nonzero(keep)), 1)
+        if family == "hnsw":
+            breadth = min(math.ceil(breadth * widen), max(breadth, MAX_FILTERED_EF))
+        elif family == "ivf":
+            breadth = min(math.ceil(breadth * widen), nlist)
         bits = np.packbits(keep, bitorder="little")  # held until the search returns
         selector = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bits))
         search_params = _make_search_params(faiss, family, wrapped, breadth, selector)

@@ -5,7 +5,9 @@ Query images already in the collection and unchanged on disk use their stored ve
 are decoded and described in this process with the collection's fitted descriptors. A query item
 may also be the catalogue id of an image (its stored vector) or a :class:`Region` of an image
 (that part of it, described here). Relevance feedback moves the query vectors before ranking
-(``cbir.search.feedback``); a label or folder filter leaves every other image out.
+(``cbir.search.feedback``); a label or folder filter leaves every other image out, and one
+that keeps at most half of them is searched exactly (an approximate index searched from the
+query's part of the space finds too few of the images kept when they lie elsewhere).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from cbir.search.region import Region
 from cbir.search.request import SearchRequest
 from cbir.search.result import Hit, ScoreKind, SearchResult
 from cbir.store import DescriptorRecord, ImageRecord, Store
+
+#: A label or folder filter that keeps at most this fraction of the images is searched exactly.
+SELECTIVE_FRACTION = 0.5
 
 #: One query item: an image file, its encoded bytes, vector(s), the id of a catalogued image,
 #: or a region of one of these images.
@@ -72,10 +77,15 @@ class Searcher:
             holdings.check_metric(r, m) for r, m in zip(records, request.metrics, strict=True)
         ]
         depth = max(request.depth, RRF_DEPTH) if request.fused else request.depth
-        left_out = self._filtered_out(request)
+        chosen = self._filter(request)
+        left_out = None if chosen is None else chosen.left_out
+        # a filter that keeps few images (a label among many) is answered by exact search: a
+        # graph or lists searched from the query's part of the space find too few of them, or
+        # not the nearest, when the images kept lie elsewhere
+        exact = request.exact or (chosen is not None and chosen.selective)
         rankings, kinds, n_queries = [], [], 0
         for record, metric in zip(records, metrics, strict=True):
-            index = self.indexes.index(record, metric, exact=request.exact)
+            index = self.indexes.index(record, metric, exact=exact)
             if not len(index):
                 raise NotFoundError(
                     f"the collection at {self.store.root} holds no images with "
@@ -168,11 +178,11 @@ class Searcher:
                 f"{holdings.short_label(record.spec)} in the collection"
             ) from None
 
-    def _filtered_out(self, request: SearchRequest) -> np.ndarray | None:
-        """Ids a label or folder filter leaves out (None: no filter)."""
+    def _filter(self, request: SearchRequest) -> Filtered | None:
+        """What the request's label or folder filter keeps and leaves out (None: no filter)."""
         if not request.filtered:
             return None
-        return self.filtered(label=request.label, folder=request.folder).left_out
+        return self.filtered(label=request.label, folder=request.folder)
 
     def filtered(self, *, label: str | None = None, folder: str | None = None) -> Filtered:
         """The indexed images a label and folder filter keep and leave out (None: no filter of
@@ -317,6 +327,11 @@ class Filtered:
     #: ids of the indexed images it keeps and leaves out, ascending
     kept: np.ndarray
     left_out: np.ndarray
+
+    @property
+    def selective(self) -> bool:
+        """Whether it keeps at most :data:`SELECTIVE_FRACTION` of the images."""
+        return len(self.kept) <= SELECTIVE_FRACTION * (len(self.kept) + len(self.left_out))
 
 
 def name_filter(
