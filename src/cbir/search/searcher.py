@@ -192,8 +192,11 @@ class Searcher:
         held: Filtered | None = getattr(self._filters, "held", None)
         if held is None or held.token != token or held.key != key:
             ids, paths, labels = self.store.named_images()
-            passes = name_filter(label=label, folder=folder)
-            keep = np.fromiter(map(passes, paths, labels), bool, len(ids))
+            if label is None and folder is None:  # a listing of everything: nothing to test
+                keep = np.ones(len(ids), bool)
+            else:
+                passes = name_filter(label=label, folder=folder)
+                keep = np.fromiter(map(passes, paths, labels), bool, len(ids))
             held = Filtered(token, key, ids[keep], ids[~keep])
             self._filters.held = held
         return held
